@@ -1,0 +1,96 @@
+"""Pure-torch paged attention: the reference every kernel is tested against, and the CPU backend.
+
+Decode rows (one query per sequence) are batched into one padded SDPA call; sequences with several
+query rows (prefill chunks, speculative verification) run one SDPA each, so a long chunk never pads a
+whole batch of decodes to its length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionMetadata
+
+
+class TorchAttention:
+    name = "torch"
+
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_flat = kv_layer[0].view(-1, num_kv_heads, head_dim)
+        v_flat = kv_layer[1].view(-1, num_kv_heads, head_dim)
+        k_flat.index_copy_(0, slot_mapping, k.to(kv_layer.dtype))
+        v_flat.index_copy_(0, slot_mapping, v.to(kv_layer.dtype))
+
+    def attend(
+        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        decode_rows = [b for b, n in enumerate(meta.query_lens_cpu) if n == 1]
+        if len(decode_rows) == meta.num_seqs:
+            out[:] = self._decode(q, kv_layer, meta, scale, list(range(meta.num_seqs)))
+            return out
+        starts = meta.query_start_loc.tolist()
+        if decode_rows:
+            rows = torch.tensor([starts[b] for b in decode_rows], device=q.device)
+            out[rows] = self._decode(q[rows], kv_layer, meta, scale, decode_rows)
+        for b, n in enumerate(meta.query_lens_cpu):
+            if n > 1:
+                s = starts[b]
+                out[s : s + n] = self._prefill_one(q[s : s + n], kv_layer, meta, scale, b)
+        return out
+
+    def _gather(
+        self, kv_layer: torch.Tensor, block_ids: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of one or more sequences: block ids [..., nb] -> [..., length, Hkv, D]."""
+        _, _, block_size, hkv, d = kv_layer.shape
+        k = kv_layer[0][block_ids].flatten(-4, -3)[..., :length, :, :]
+        v = kv_layer[1][block_ids].flatten(-4, -3)[..., :length, :, :]
+        return k, v
+
+    def _decode(
+        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, seqs: list[int]
+    ) -> torch.Tensor:
+        # q: [B, Hq, D] -> padded keys [B, Lmax, Hkv, D] with a length mask.
+        block_size = kv_layer.shape[2]
+        lens = [meta.seq_lens_cpu[b] for b in seqs]
+        max_len = max(lens)
+        nb = -(-max_len // block_size)
+        idx = torch.tensor(seqs, device=q.device)
+        k, v = self._gather(kv_layer, meta.block_tables[idx, :nb].long(), max_len)
+        lens_t = torch.tensor(lens, device=q.device)
+        mask = torch.arange(max_len, device=q.device)[None, :] < lens_t[:, None]  # [B, Lmax]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, Hq, 1, D]
+            k.transpose(1, 2).to(q.dtype),  # [B, Hkv, Lmax, D]
+            v.transpose(1, 2).to(q.dtype),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return o.squeeze(2)
+
+    def _prefill_one(
+        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, b: int
+    ) -> torch.Tensor:
+        # q: [n, Hq, D]; the n queries are the last n of a context of seq_len tokens (causal).
+        block_size = kv_layer.shape[2]
+        seq_len = meta.seq_lens_cpu[b]
+        n = q.shape[0]
+        nb = -(-seq_len // block_size)
+        k, v = self._gather(kv_layer, meta.block_tables[b, :nb].long(), seq_len)
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [n, L]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),  # [Hq, n, D]
+            k.transpose(0, 1).to(q.dtype),  # [Hkv, L, D]
+            v.transpose(0, 1).to(q.dtype),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return o.transpose(0, 1)

@@ -1,0 +1,124 @@
+"""Assemble an engine from weights: model on device, KV cache sized from memory, runner, scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from engine.attention.base import get_attention_backend
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, model_fingerprint
+from engine.engine import LLMEngine
+from engine.kv_cache.manager import KVCacheManager
+from engine.models import model_class
+from engine.models.llama import LlamaForCausalLM
+from engine.runner import ModelRunner
+from engine.sampling.sampler import Sampler
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return default_dtype(device)
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(table)} or 'auto'")
+    return table[name]
+
+
+def build_model(
+    cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str, max_positions: int
+) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg, max_positions=max_positions)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty() gives each module its own tensor: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    # Buffers (rope tables) were not materialised on meta: rebuild them on the device in fp32.
+    model.rope = type(model.rope)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling_dict).to(
+        device
+    )
+    model.load_hf_weights(tensors)
+    return model.to(dtype).eval()
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str) -> int:
+    """Blocks that fit: a byte budget on CPU, a share of free memory (after weights) on GPU."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    per_block = kv_bytes_per_block(cfg, cache.block_size, dtype)
+    if torch.device(device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        used = total - free
+        budget = int(total * cache.gpu_memory_utilization) - used
+        # Leave room for activations of the largest step (measured by the GPU path's profile run).
+        budget -= 1 << 30
+    else:
+        budget = cache.cpu_kv_cache_bytes
+    if budget < per_block:
+        raise MemoryError(
+            f"no memory left for the KV cache (budget {budget} B, one block needs {per_block} B)"
+        )
+    return budget // per_block
+
+
+def build_engine(
+    hf_config: dict,
+    tensors: dict[str, torch.Tensor],
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    cache: CacheConfig | None = None,
+    scheduler: SchedulerConfig | None = None,
+    attention_backend: str = "auto",
+    weights_id: str = "",
+    seed: int = 0,
+    max_model_len: int | None = None,
+) -> LLMEngine:
+    cfg = ModelConfig.from_hf_dict(hf_config)
+    dt = parse_dtype(dtype, device)
+    cache = cache or CacheConfig()
+    scheduler = scheduler or SchedulerConfig()
+    limit = max_model_len or scheduler.max_model_len or cfg.max_position_embeddings
+    limit = min(limit, cfg.max_position_embeddings, cfg.sliding_window or limit)
+    scheduler = replace(scheduler, max_model_len=limit)
+    model = build_model(cfg, tensors, dt, device, max_positions=limit)
+    num_blocks = plan_num_blocks(cfg, cache, dt, device)
+    config = EngineConfig(
+        cfg, replace(cache, num_blocks=num_blocks), scheduler, dt, device, attention_backend, seed
+    )
+    kv_cache = torch.zeros(
+        cfg.num_layers,
+        2,
+        num_blocks,
+        cache.block_size,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        dtype=dt,
+        device=device,
+    )
+    fingerprint = model_fingerprint(cfg, dt, cache.block_size, weights_id)
+    kv = KVCacheManager(num_blocks, cache.block_size, fingerprint, cache.enable_prefix_caching)
+    runner = ModelRunner(
+        model, kv_cache, get_attention_backend(attention_backend, device), cache.block_size, Sampler(seed)
+    )
+    engine = LLMEngine(config, runner, kv, cfg.eos_token_ids)
+    engine.fingerprint = fingerprint
+    return engine

@@ -1,0 +1,132 @@
+"""The aggregated engine: ``step() = schedule -> execute -> update``.
+
+Prefill and decode workers reuse the same pieces (scheduler, KV cache manager, runner) with their own
+policies around them; this class is the single-process loop behind ``LLM`` and ``baton generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.kv_cache.manager import KVCacheManager
+from engine.request import FinishReason, Request, RequestStatus
+from engine.runner import ModelRunner, StepOutput
+from engine.sampling.params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (a delta, not the whole history)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+def check_stop(req: Request, token: int, max_model_len: int) -> FinishReason | None:
+    """Why ``req`` ends after appending ``token``, or None. Stop strings are handled on text, above."""
+    s = req.sampling
+    n_out = len(req.output_token_ids)
+    if n_out >= s.min_tokens:
+        if not s.ignore_eos and token in req.eos_token_ids:
+            return FinishReason.STOP
+        if token in s.stop_token_ids:
+            return FinishReason.STOP
+    if n_out >= s.max_tokens or req.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, runner: ModelRunner, kv: KVCacheManager, eos_token_ids: tuple[int, ...]
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.kv = kv
+        self.scheduler = Scheduler(config.scheduler, kv)
+        self.eos_token_ids = eos_token_ids
+        self.requests: dict[str, Request] = {}
+        self.max_model_len = config.max_model_len
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}"
+            )
+        need = self.kv.blocks_needed(len(prompt_token_ids) + 1)
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks; the cache has {self.kv.pool.num_blocks}")
+        req = Request(request_id, list(prompt_token_ids), sampling, eos_token_ids=self.eos_token_ids)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return
+        self.scheduler.finish(req)
+        req.transition(RequestStatus.ABORTED)
+        req.finish_reason = FinishReason.ABORT
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        out = self.runner.execute(batch)
+        return self._update(batch, out)
+
+    def _update(self, batch, out: StepOutput) -> list[RequestOutput]:
+        results = []
+        for s in batch.requests:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            token = out.sampled.get(req.request_id)
+            if token is None:
+                self.kv.register_computed_blocks(req)
+                continue
+            req.output_token_ids.append(token)
+            lp = out.logprobs.get(req.request_id)
+            req.output_logprobs.append(lp)
+            self.kv.register_computed_blocks(req)
+            reason = check_stop(req, token, self.max_model_len)
+            if reason is not None:
+                self.finish(req, reason)
+            results.append(
+                RequestOutput(
+                    req.request_id,
+                    (token,),
+                    (lp,),
+                    reason is not None,
+                    reason,
+                    req.num_prompt_tokens,
+                    req.num_cached_tokens,
+                )
+            )
+        return results
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """End ``req`` (e.g. EOS, or a stop string found by the caller) and free its blocks."""
+        if req.is_finished:
+            return
+        self.scheduler.finish(req)
+        req.transition(RequestStatus.FINISHED)
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()

@@ -1,0 +1,109 @@
+"""Continuous batching with chunked prefill, as one token budget per step.
+
+There is no prefill phase or decode phase: each request has ``num_computed_tokens`` and
+``num_tokens``; a step gives each scheduled request some of the difference. Running requests go first
+(decodes cost one token each, unfinished prefills continue in chunks), then waiting requests are
+admitted while budget, sequence slots and blocks last. When blocks run out for a running request, the
+newest running request is preempted (its blocks freed, recomputed later from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.config import SchedulerConfig
+from engine.kv_cache.manager import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so its last row yields a token."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    requests: tuple[ScheduledRequest, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.requests)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.chunk_cap = config.long_prefill_token_threshold or config.max_num_batched_tokens
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk_cap)
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the request itself was preempted: everything after it is gone too
+
+        # Admit waiting requests unless this step had to preempt (no room to spare).
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            start = max(req.num_computed_tokens, len(cached) * self.kv.block_size)
+            n = min(req.num_tokens - start, budget, self.chunk_cap)
+            if not self.kv.allocate_slots(req, n, cached):
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            req.transition(RequestStatus.RUNNING)
+            scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+        return ScheduledBatch(tuple(scheduled), tuple(preempted))
+
+    def _preempt(self, req: Request) -> None:
+        req.transition(RequestStatus.PREEMPTED)
+        self.kv.free(req)
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request and free its blocks (exactly once)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
