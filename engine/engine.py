@@ -54,6 +54,8 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.requests: dict[str, Request] = {}
         self.max_model_len = config.max_model_len
+        self.hold_blocks_on_finish = False
+        self.fingerprint = ""
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
         if request_id in self.requests:
@@ -72,11 +74,23 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
+    def _check_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}")
+        need = self.kv.blocks_needed(len(prompt_token_ids) + 1)
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks; the cache has {self.kv.pool.num_blocks}")
+
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is None or req.is_finished:
             return
-        self.scheduler.finish(req)
+        if req.status in (RequestStatus.WAITING_FOR_KV, RequestStatus.SENDING_KV):
+            self.kv.free(req)  # not in the scheduler's queues
+        else:
+            self.scheduler.finish(req)
         req.transition(RequestStatus.ABORTED)
         req.finish_reason = FinishReason.ABORT
 
@@ -120,13 +134,71 @@ class LLMEngine:
         return results
 
     def finish(self, req: Request, reason: FinishReason) -> None:
-        """End ``req`` (e.g. EOS, or a stop string found by the caller) and free its blocks."""
-        if req.is_finished:
+        """End ``req`` (e.g. EOS, or a stop string found by the caller) and free its blocks.
+
+        With ``hold_blocks_on_finish`` (prefill workers) the blocks stay pinned and the request moves
+        to SENDING_KV until ``release()``: its KV must not be evicted before the decode side has it."""
+        if req.is_finished or req.status == RequestStatus.SENDING_KV:
+            return
+        req.finish_reason = reason
+        if self.hold_blocks_on_finish and req.status == RequestStatus.RUNNING:
+            self.scheduler.remove(req)
+            req.transition(RequestStatus.SENDING_KV)
             return
         self.scheduler.finish(req)
         req.transition(RequestStatus.FINISHED)
-        req.finish_reason = reason
         self.requests.pop(req.request_id, None)
+
+    def release(self, req: Request) -> None:
+        """Free the pinned blocks of a SENDING_KV request (its transfer ended, either way)."""
+        if req.status != RequestStatus.SENDING_KV:
+            return
+        self.kv.free(req)
+        req.transition(RequestStatus.FINISHED)
+        self.requests.pop(req.request_id, None)
+
+    # --- decode-side admission of requests whose prompt KV arrives from elsewhere ---------------
+    def reserve(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, output_token_ids: list[int] = ()) -> Request | None:
+        """Create a WAITING_FOR_KV request holding blocks for its whole prompt (cached prefix first).
+        Returns None, changing nothing, when the blocks are not there."""
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._check_prompt(prompt_token_ids)
+        req = Request(request_id, list(prompt_token_ids), sampling, eos_token_ids=self.eos_token_ids, status=RequestStatus.WAITING_FOR_KV)
+        req.output_token_ids = list(output_token_ids)
+        cached = self.kv.find_cached_prefix(req)
+        start = len(cached) * self.kv.block_size
+        if not self.kv.allocate_slots(req, req.num_tokens - start, cached):
+            return None
+        self.requests[request_id] = req
+        return req
+
+    def start_reserved(self, req: Request, first_token: int | None = None, first_logprob=None) -> RequestOutput | None:
+        """Begin decoding a reserved request. With ``first_token`` (sampled by the prefill worker) the
+        prompt's KV has landed: every prompt token counts as computed. Without it the prompt (minus the
+        cached prefix) is prefilled here, in chunks, like any request."""
+        if first_token is None:
+            req.transition(RequestStatus.RUNNING)
+            self.scheduler.add_running(req)
+            return None
+        req.num_computed_tokens = req.num_tokens
+        req.output_token_ids.append(first_token)
+        req.output_logprobs.append(first_logprob)
+        req.transition(RequestStatus.RUNNING)
+        self.scheduler.add_running(req)
+        self.kv.register_computed_blocks(req)
+        reason = check_stop(req, first_token, self.max_model_len)
+        if reason is not None:
+            self.finish(req, reason)
+        return RequestOutput(req.request_id, (), (), reason is not None, reason, req.num_prompt_tokens, req.num_cached_tokens)
+
+    def drop_reserved(self, req: Request) -> None:
+        """Abort a reservation that never started (transfer failed, deadline passed, client gone)."""
+        if req.status == RequestStatus.WAITING_FOR_KV:
+            self.kv.free(req)
+            req.transition(RequestStatus.ABORTED)
+            req.finish_reason = FinishReason.ABORT
+            self.requests.pop(req.request_id, None)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

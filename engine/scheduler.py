@@ -100,10 +100,18 @@ class Scheduler:
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def finish(self, req: Request) -> None:
-        """Remove a finished or aborted request and free its blocks (exactly once)."""
+    def add_running(self, req: Request) -> None:
+        """A request that already holds its blocks (decode side: KV received, or prefilling locally)."""
+        self.running.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Stop scheduling ``req`` but keep its blocks (the caller still needs its KV)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request and free its blocks (exactly once)."""
+        self.remove(req)
         self.kv.free(req)

@@ -1,0 +1,355 @@
+"""``GenerationBackend`` over the workers' gRPC services (``baton.v1`` PrefillService / DecodeService).
+
+Per sequence (one choice):
+1. ``place()`` picks decode worker D and maybe prefill worker P (policy + placement store);
+2. ``DecodeService.Reserve`` on D -> KVTarget (D's blocks for the prompt);
+3. split: ``PrefillService.Prefill(prompt, kv_target)`` on P -> first token (yielded at once), then
+   ``DecodeService.Decode(first token)``; local: ``Decode(local_prefill=True)``;
+4. the Decode stream's chunks become ``TokenEvent``s until one carries a finish reason.
+
+Every call has a deadline. A retryable failure (worker unavailable, out of blocks, KV transfer failed)
+re-places the sequence without the failed worker, at most ``max_attempts`` times; if tokens were
+already streamed, the new D resumes from prompt + those tokens (``ReserveRequest.output_token_ids``)
+with a local prefill, so the client sees one uninterrupted stream. Anything else becomes a
+``BackendError`` with a clear message. Leaving the iterator early (cancellation, the router's stop
+strings) aborts the sequence on the workers that may hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from router.backend import BackendError, BackendErrorKind, GenerateRequest, ModelInfo, Route, TokenEvent
+from router.placement.base import PlacementStore, WorkerRecord
+from router.policy import Pairing, PairingPolicy, eligible, place
+from router.wire import event_from_chunk, sampling_to_proto, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model_fingerprint: str  # engine.config.model_fingerprint() of the served model
+    block_size: int
+    max_model_len: int
+    vocab_size: int | None = None
+    reserve_timeout_s: float = 10.0
+    prefill_timeout_s: float = 300.0
+    decode_timeout_s: float = 1800.0  # the whole token stream
+    control_timeout_s: float = 2.0  # Abort
+    refresh_interval_s: float = 1.0  # readiness snapshot from the store
+    max_attempts: int = 3
+
+
+_KIND_BY_ERROR = {
+    common_pb2.ERROR_CODE_INVALID_ARGUMENT: BackendErrorKind.INVALID_ARGUMENT,
+    common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED: BackendErrorKind.OVERLOADED,
+    common_pb2.ERROR_CODE_DEADLINE_EXCEEDED: BackendErrorKind.TIMEOUT,
+    common_pb2.ERROR_CODE_UNAVAILABLE: BackendErrorKind.UNAVAILABLE,
+    common_pb2.ERROR_CODE_ABORTED: BackendErrorKind.UNAVAILABLE,
+    common_pb2.ERROR_CODE_TRANSFER_FAILED: BackendErrorKind.UNAVAILABLE,
+}
+_RETRYABLE_ERRORS = {
+    common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
+    common_pb2.ERROR_CODE_UNAVAILABLE,
+    common_pb2.ERROR_CODE_TRANSFER_FAILED,
+}
+_KIND_BY_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: BackendErrorKind.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: BackendErrorKind.OVERLOADED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: BackendErrorKind.TIMEOUT,
+    grpc.StatusCode.UNAVAILABLE: BackendErrorKind.UNAVAILABLE,
+}
+_RETRYABLE_STATUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class WorkerFailure(BackendError):
+    """A failure attributed to one worker; ``retryable`` means another worker may succeed."""
+
+    def __init__(self, kind: BackendErrorKind, message: str, worker_id: str, retryable: bool) -> None:
+        super().__init__(kind, message)
+        self.worker_id = worker_id
+        self.retryable = retryable
+
+
+def _from_error(err: common_pb2.Error, worker_id: str, step: str) -> WorkerFailure:
+    kind = _KIND_BY_ERROR.get(err.code, BackendErrorKind.INTERNAL)
+    retryable = err.retryable or err.code in _RETRYABLE_ERRORS
+    name = common_pb2.ErrorCode.Name(err.code) if err.code in common_pb2.ErrorCode.values() else str(err.code)
+    return WorkerFailure(
+        kind, f"{step} on worker {worker_id} failed ({name}): {err.message}", worker_id, retryable
+    )
+
+
+def _from_rpc(err: grpc.aio.AioRpcError, worker_id: str, step: str) -> WorkerFailure:
+    code = err.code()
+    kind = _KIND_BY_STATUS.get(code, BackendErrorKind.INTERNAL)
+    message = f"{step} on worker {worker_id} failed ({code.name}): {err.details()}"
+    return WorkerFailure(kind, message, worker_id, code in _RETRYABLE_STATUS)
+
+
+def _deadline_ms(timeout_s: float) -> int:
+    return int((time.time() + timeout_s) * 1000)
+
+
+@dataclass
+class _Active:
+    """Where one sequence currently lives (for abort)."""
+
+    worker_request_id: str
+    decode_address: str
+    prefill_address: str | None = None
+
+
+@dataclass
+class _Attempt:
+    emitted: list[int] = field(default_factory=list)  # tokens already yielded to the router
+    route_sent: bool = False
+
+
+class ClusterBackend:
+    def __init__(self, config: ClusterConfig, store: PlacementStore, policy: PairingPolicy) -> None:
+        self.config = config
+        self.store = store
+        self.policy = policy
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._active: dict[str, _Active] = {}
+        self._ready = False
+        self._refresher: asyncio.Task[None] | None = None
+
+    # -- lifecycle and readiness --------------------------------------------------------------
+
+    @property
+    def model_info(self) -> ModelInfo:
+        c = self.config
+        return ModelInfo(
+            max_model_len=c.max_model_len, vocab_size=c.vocab_size, model_fingerprint=c.model_fingerprint
+        )
+
+    def ready(self) -> bool:
+        return self._ready
+
+    async def refresh(self) -> bool:
+        """Re-read the registry: ready iff a decode worker of our model is live."""
+        try:
+            _, decode = eligible(await self.store.live_workers(), self.config.model_fingerprint)
+            self._ready = bool(decode)
+        except Exception:
+            log.exception("placement store unreachable; reporting not ready")
+            self._ready = False
+        return self._ready
+
+    async def start(self) -> None:
+        await self.refresh()
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.config.refresh_interval_s)
+                await self.refresh()
+
+        self._refresher = asyncio.create_task(loop())
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        state = _Attempt()
+        excluded: set[str] = set()
+        finished = False
+        try:
+            for attempt in range(self.config.max_attempts):
+                pairing = await self._place(request, excluded)
+                try:
+                    async for event in self._run(request, pairing, state, attempt):
+                        state.emitted.extend(event.token_ids)
+                        yield event
+                        if event.finish_reason is not None:
+                            finished = True
+                            return
+                    raise WorkerFailure(
+                        BackendErrorKind.INTERNAL,
+                        f"decode worker {pairing.decode.worker_id} ended the stream without a finish reason",
+                        pairing.decode.worker_id,
+                        retryable=True,
+                    )
+                except WorkerFailure as failure:
+                    await self._abort_active(request.request_id)
+                    if not failure.retryable or attempt + 1 == self.config.max_attempts:
+                        raise
+                    log.warning(
+                        "retrying %s without %s: %s", request.request_id, failure.worker_id, failure.message
+                    )
+                    excluded.add(failure.worker_id)
+        finally:
+            if not finished:
+                await asyncio.shield(self._abort_active(request.request_id))
+            self._active.pop(request.request_id, None)
+
+    async def _place(self, request: GenerateRequest, excluded: set[str]) -> Pairing:
+        cfg = self.config
+        try:
+            return await place(
+                self.store,
+                self.policy,
+                cfg.model_fingerprint,
+                cfg.block_size,
+                request.prompt_token_ids,
+                excluded,
+            )
+        except BackendError:
+            raise
+        except Exception as err:  # the store is unreachable or broken: no placement, no request
+            log.exception("placement failed")
+            raise BackendError(BackendErrorKind.UNAVAILABLE, f"placement store error: {err}") from err
+
+    async def _run(
+        self, request: GenerateRequest, pairing: Pairing, state: _Attempt, attempt: int
+    ) -> AsyncIterator[TokenEvent]:
+        cfg = self.config
+        d = pairing.decode
+        # Resuming after streamed tokens: the new D prefills prompt + those tokens itself.
+        prefill = pairing.prefill if not state.emitted else None
+        worker_request_id = request.request_id if attempt == 0 else f"{request.request_id}#{attempt}"
+        active = _Active(worker_request_id, d.address)
+        self._active[request.request_id] = active
+        sampling = sampling_to_proto(request.sampling)
+        decode_stub = worker_pb2_grpc.DecodeServiceStub(self._channel(d.address))
+        reserve_req = worker_pb2.ReserveRequest(
+            request_id=worker_request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling=sampling,
+            deadline_ms=_deadline_ms(cfg.reserve_timeout_s + cfg.prefill_timeout_s),
+            output_token_ids=state.emitted,
+        )
+        try:
+            reserved = await decode_stub.Reserve(reserve_req, timeout=cfg.reserve_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise _from_rpc(err, d.worker_id, "Reserve") from None
+        if reserved.WhichOneof("outcome") != "handle":
+            raise _from_error(reserved.error, d.worker_id, "Reserve")
+        route = Route(d.worker_id, prefill.worker_id if prefill else None)
+
+        decode_req = worker_pb2.DecodeRequest(
+            request_id=worker_request_id,
+            local_prefill=prefill is None,
+            deadline_ms=_deadline_ms(cfg.decode_timeout_s),
+        )
+        if prefill is not None:
+            active.prefill_address = prefill.address
+            first = await self._prefill(request, prefill, worker_request_id, sampling, reserved.handle)
+            decode_req.first_token_id = first.first_token_id
+            if first.HasField("first_token_logprob"):
+                decode_req.first_token_logprob.CopyFrom(first.first_token_logprob)
+            if first.HasField("first_token_top_logprobs"):
+                decode_req.first_token_top_logprobs.CopyFrom(first.first_token_top_logprobs)
+            active.prefill_address = None  # P is done with it
+            state.route_sent = True
+            yield TokenEvent(
+                token_ids=(first.first_token_id,),
+                logprobs=_first_logprobs(first),
+                num_cached_tokens=first.num_cached_tokens,
+                route=route,
+            )
+
+        call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s)
+        try:
+            async for response in call:
+                if response.WhichOneof("payload") != "chunk":
+                    raise _from_error(response.error, d.worker_id, "Decode")
+                try:
+                    event = event_from_chunk(response.chunk, response.chunk.num_cached_tokens)
+                except ValueError as err:
+                    raise WorkerFailure(
+                        BackendErrorKind.INTERNAL,
+                        f"malformed chunk from {d.worker_id}: {err}",
+                        d.worker_id,
+                        False,
+                    ) from None
+                if not state.route_sent:
+                    state.route_sent = True
+                    event = replace(event, route=route)
+                yield event
+                if event.finish_reason is not None:
+                    return
+        except grpc.aio.AioRpcError as err:
+            raise _from_rpc(err, d.worker_id, "Decode") from None
+        finally:
+            call.cancel()
+
+    async def _prefill(
+        self,
+        request: GenerateRequest,
+        prefill: WorkerRecord,
+        worker_request_id: str,
+        sampling: common_pb2.SamplingParams,
+        target: worker_pb2.KVTarget,
+    ) -> worker_pb2.PrefillResult:
+        stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
+        req = worker_pb2.PrefillRequest(
+            request_id=worker_request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling=sampling,
+            kv_target=target,
+            deadline_ms=_deadline_ms(self.config.prefill_timeout_s),
+        )
+        try:
+            response = await stub.Prefill(req, timeout=self.config.prefill_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise _from_rpc(err, prefill.worker_id, "Prefill") from None
+        if response.WhichOneof("outcome") != "result":
+            raise _from_error(response.error, prefill.worker_id, "Prefill")
+        result = response.result
+        vocab = self.config.vocab_size
+        if result.first_token_id < 0 or (vocab is not None and result.first_token_id >= vocab):
+            raise WorkerFailure(
+                BackendErrorKind.INTERNAL,
+                f"prefill worker {prefill.worker_id} returned token id {result.first_token_id}",
+                prefill.worker_id,
+                False,
+            )
+        return result
+
+    # -- abort --------------------------------------------------------------------------------
+
+    async def abort(self, request_id: str) -> None:
+        await self._abort_active(request_id)
+
+    async def _abort_active(self, request_id: str) -> None:
+        active = self._active.pop(request_id, None)
+        if active is None:
+            return
+        calls = [(worker_pb2_grpc.DecodeServiceStub, active.decode_address)]
+        if active.prefill_address is not None:
+            calls.append((worker_pb2_grpc.PrefillServiceStub, active.prefill_address))
+        req = worker_pb2.AbortRequest(request_id=active.worker_request_id, reason="cancelled by the router")
+        for stub_cls, address in calls:
+            try:
+                await stub_cls(self._channel(address)).Abort(req, timeout=self.config.control_timeout_s)
+            except grpc.aio.AioRpcError as err:
+                log.warning("Abort of %s on %s failed: %s", request_id, address, err.code().name)
+
+
+def _first_logprobs(result: worker_pb2.PrefillResult):
+    if not result.HasField("first_token_logprob"):
+        return ()
+    top = [result.first_token_top_logprobs] if result.HasField("first_token_top_logprobs") else []
+    return token_logprobs([result.first_token_logprob], top, 1)

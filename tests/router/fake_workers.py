@@ -1,0 +1,151 @@
+"""In-process fake prefill/decode workers implementing the ``baton.v1`` worker services on loopback.
+
+They let the cluster backend (the caller) be unit-tested over real gRPC. Generation is scripted:
+token ``i`` of a sequence is ``TOKEN_BASE + i``; the prefill worker samples token 0, the decode worker
+continues from the number of tokens it was given (first token and/or ``output_token_ids``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+
+from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+TOKEN_BASE = 100
+
+
+@dataclass
+class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
+    worker_id: str
+    address: str = ""  # set by WorkerServer
+    reserve_error: int | None = None  # an ErrorCode to refuse Reserve with
+    die_after_chunks: int | None = None  # abort the Decode stream with UNAVAILABLE after this many chunks
+    hang: bool = False  # never send a chunk
+    reserve_calls: int = 0
+    reservations: dict[str, worker_pb2.ReserveRequest] = field(default_factory=dict)
+    decodes: list[worker_pb2.DecodeRequest] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+
+    async def Reserve(self, request, context):
+        self.reserve_calls += 1
+        if self.reserve_error is not None:
+            return worker_pb2.ReserveResponse(error=common_pb2.Error(code=self.reserve_error, message="full"))
+        self.reservations[request.request_id] = request
+        handle = worker_pb2.KVTarget(
+            decode_worker_id=self.worker_id,
+            handle_id=f"h-{request.request_id}",
+            block_ids=list(range(len(request.prompt_token_ids) // 4 + 1)),
+            num_tokens=len(request.prompt_token_ids),
+        )
+        return worker_pb2.ReserveResponse(handle=handle)
+
+    async def Decode(self, request, context):
+        self.decodes.append(request)
+        reservation = self.reservations.get(request.request_id)
+        if reservation is None:
+            yield worker_pb2.DecodeResponse(
+                error=common_pb2.Error(code=common_pb2.ERROR_CODE_NOT_FOUND, message="no reservation")
+            )
+            return
+        if self.hang:
+            await asyncio.sleep(3600)
+        s = reservation.sampling
+        done = len(reservation.output_token_ids) + (1 if request.HasField("first_token_id") else 0)
+        for n_chunk, i in enumerate(range(done, s.max_tokens)):
+            if self.die_after_chunks is not None and n_chunk >= self.die_after_chunks:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker going away")
+            chunk = common_pb2.TokenChunk(token_ids=[TOKEN_BASE + i])
+            if s.logprobs:
+                chunk.logprobs.add(token_id=TOKEN_BASE + i, logprob=-0.5)
+            if request.local_prefill and n_chunk == 0:
+                chunk.num_prompt_tokens = len(reservation.prompt_token_ids)
+                chunk.num_cached_tokens = 8
+            if i == s.max_tokens - 1:
+                chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
+            yield worker_pb2.DecodeResponse(chunk=chunk)
+            await asyncio.sleep(0)
+        if done >= s.max_tokens:  # the first token already ended it
+            yield worker_pb2.DecodeResponse(
+                chunk=common_pb2.TokenChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH)
+            )
+
+    async def Abort(self, request, context):
+        self.aborted.append(request.request_id)
+        return worker_pb2.AbortResponse(found=self.reservations.pop(request.request_id, None) is not None)
+
+    async def GetInfo(self, request, context):
+        return info(
+            self.worker_id, common_pb2.WORKER_ROLE_DECODE, self.address, num_running=len(self.reservations)
+        )
+
+
+@dataclass
+class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
+    worker_id: str
+    address: str = ""  # set by WorkerServer
+    error: int | None = None  # an ErrorCode to fail Prefill with
+    prefills: list[worker_pb2.PrefillRequest] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+
+    async def Prefill(self, request, context):
+        self.prefills.append(request)
+        if self.error is not None:
+            return worker_pb2.PrefillResponse(
+                error=common_pb2.Error(code=self.error, message="transfer broke")
+            )
+        result = worker_pb2.PrefillResult(
+            first_token_id=TOKEN_BASE,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=16,
+            num_transferred_blocks=len(request.kv_target.block_ids),
+        )
+        if request.sampling.logprobs:
+            result.first_token_logprob.CopyFrom(common_pb2.TokenLogprob(token_id=TOKEN_BASE, logprob=-0.25))
+        return worker_pb2.PrefillResponse(result=result)
+
+    async def Abort(self, request, context):
+        self.aborted.append(request.request_id)
+        return worker_pb2.AbortResponse(found=False)
+
+    async def GetInfo(self, request, context):
+        return info(self.worker_id, common_pb2.WORKER_ROLE_PREFILL, self.address)
+
+
+def info(worker_id: str, role: int, address: str, **kw) -> common_pb2.WorkerInfo:
+    return common_pb2.WorkerInfo(
+        worker_id=worker_id,
+        role=role,
+        address=address,
+        model_fingerprint="fp",
+        block_size=4,
+        num_total_blocks=1000,
+        num_free_blocks=900,
+        model_name="m",
+        max_model_len=4096,
+        **kw,
+    )
+
+
+class WorkerServer:
+    """One grpc.aio server on 127.0.0.1:<free port> hosting one fake worker."""
+
+    def __init__(self, servicer: FakeDecode | FakePrefill) -> None:
+        self.servicer = servicer
+        self.server = grpc.aio.server()
+        if isinstance(servicer, FakeDecode):
+            worker_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, self.server)
+        else:
+            worker_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{self.port}"
+        servicer.address = self.address
+
+    async def __aenter__(self) -> WorkerServer:
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop(0)

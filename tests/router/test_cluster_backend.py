@@ -1,0 +1,199 @@
+"""ClusterBackend (the caller) against fake worker services over real gRPC on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import pytest
+
+from baton.v1 import common_pb2
+from router.backend import BackendError, BackendErrorKind, FinishReason, GenerateRequest, SamplingOptions
+from router.cluster_backend import ClusterBackend, ClusterConfig
+from router.placement import EmbeddedPlacementStore, WorkerRecord, WorkerRole
+from router.policy import CacheAwarePolicy, RoundRobinPolicy
+from tests.router.fake_workers import TOKEN_BASE, FakeDecode, FakePrefill, WorkerServer
+
+pytestmark = pytest.mark.anyio
+FP = "fp"
+LONG = tuple(range(1, 200))  # well above the local-prefill threshold
+SHORT = (1, 2, 3)
+
+
+class Cluster:
+    def __init__(self, stack: AsyncExitStack, store: EmbeddedPlacementStore) -> None:
+        self.stack = stack
+        self.store = store
+        self.workers: dict[str, FakeDecode | FakePrefill] = {}
+
+    async def add(self, servicer: FakeDecode | FakePrefill, fingerprint: str = FP) -> None:
+        server = await self.stack.enter_async_context(WorkerServer(servicer))
+        role = WorkerRole.DECODE if isinstance(servicer, FakeDecode) else WorkerRole.PREFILL
+        record = WorkerRecord(servicer.worker_id, role, server.address, fingerprint, 4, 1000, 1000)
+        await self.store.register(record, ttl_s=60)
+        self.workers[servicer.worker_id] = servicer
+
+
+@pytest.fixture
+async def cluster():
+    async with AsyncExitStack() as stack:
+        yield Cluster(stack, EmbeddedPlacementStore())
+
+
+def backend(cluster: Cluster, policy=None, **kw) -> ClusterBackend:
+    config = ClusterConfig(model_fingerprint=FP, block_size=4, max_model_len=4096, vocab_size=10_000, **kw)
+    return ClusterBackend(config, cluster.store, policy or CacheAwarePolicy(local_prefill_threshold=64))
+
+
+def req(prompt=LONG, max_tokens=5, rid="r1", **kw) -> GenerateRequest:
+    return GenerateRequest(rid, tuple(prompt), SamplingOptions(max_tokens=max_tokens, **kw))
+
+
+async def collect(b: ClusterBackend, request: GenerateRequest):
+    return [ev async for ev in b.generate(request)]
+
+
+async def test_split_path_reserve_prefill_decode(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0"))
+    b = backend(cluster)
+    events = await collect(b, req(logprobs=True, seed=3, temperature=0.5))
+    tokens = [t for ev in events for t in ev.token_ids]
+    assert tokens == [TOKEN_BASE + i for i in range(5)]
+    assert events[0].route.decision == "split" and events[0].route.prefill_worker == "p0"
+    assert events[0].num_cached_tokens == 16
+    assert events[0].logprobs[0].logprob == -0.25
+    assert events[-1].finish_reason == FinishReason.LENGTH
+    d, p = cluster.workers["d0"], cluster.workers["p0"]
+    [prefill] = p.prefills
+    assert prefill.kv_target.handle_id == "h-r1" and list(prefill.prompt_token_ids) == list(LONG)
+    assert prefill.sampling.seed == 3 and prefill.sampling.temperature == 0.5 and prefill.deadline_ms > 0
+    [decode] = d.decodes
+    assert decode.first_token_id == TOKEN_BASE and not decode.local_prefill
+    assert d.aborted == [] and p.aborted == []
+
+
+async def test_local_prefill_for_short_prompts(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0"))
+    events = await collect(backend(cluster), req(prompt=SHORT, max_tokens=3))
+    assert [t for ev in events for t in ev.token_ids] == [TOKEN_BASE, TOKEN_BASE + 1, TOKEN_BASE + 2]
+    assert events[0].route.decision == "local" and events[0].num_cached_tokens == 8
+    assert cluster.workers["p0"].prefills == []
+    assert cluster.workers["d0"].decodes[0].local_prefill
+
+
+async def test_first_token_that_finishes_the_request(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0"))
+    events = await collect(backend(cluster), req(max_tokens=1))
+    assert [t for ev in events for t in ev.token_ids] == [TOKEN_BASE]
+    assert events[-1].finish_reason == FinishReason.LENGTH
+
+
+async def test_reserve_refused_retries_on_another_decode_worker(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0", reserve_error=common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED))
+    await cluster.add(FakeDecode("d1"))
+    await cluster.add(FakePrefill("p0"))
+    events = await collect(backend(cluster, policy=RoundRobinPolicy()), req())
+    assert events[0].route.decode_worker == "d1"
+    assert len([t for ev in events for t in ev.token_ids]) == 5
+
+
+async def test_prefill_failure_frees_the_reservation_and_uses_another_prefill_worker(
+    cluster: Cluster,
+) -> None:
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0", error=common_pb2.ERROR_CODE_TRANSFER_FAILED))
+    await cluster.add(FakePrefill("p1"))
+    events = await collect(backend(cluster), req())
+    assert events[0].route.prefill_worker == "p1"
+    assert cluster.workers["d0"].aborted == ["r1"]  # the first attempt's reservation
+    assert len(cluster.workers["d0"].decodes) == 1 and cluster.workers["d0"].decodes[0].request_id == "r1#1"
+
+
+async def test_decode_worker_dying_mid_stream_resumes_elsewhere(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0", die_after_chunks=2))
+    await cluster.add(FakeDecode("d1"))
+    await cluster.add(FakePrefill("p0"))
+    events = await collect(backend(cluster, policy=RoundRobinPolicy()), req(max_tokens=8))
+    tokens = [t for ev in events for t in ev.token_ids]
+    assert tokens == [TOKEN_BASE + i for i in range(8)]  # no gap, no duplicate
+    resumed = cluster.workers["d1"].reservations["r1#1"]
+    assert list(resumed.output_token_ids) == [TOKEN_BASE + i for i in range(3)]
+    assert cluster.workers["d1"].decodes[0].local_prefill
+    assert len(cluster.workers["p0"].prefills) == 1
+
+
+async def test_non_retryable_error_is_reported(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0", reserve_error=common_pb2.ERROR_CODE_INVALID_ARGUMENT))
+    with pytest.raises(BackendError) as err:
+        await collect(backend(cluster), req())
+    assert err.value.kind == BackendErrorKind.INVALID_ARGUMENT
+    assert "d0" in err.value.message and "INVALID_ARGUMENT" in err.value.message
+
+
+async def test_retries_are_bounded(cluster: Cluster) -> None:
+    for i in range(4):
+        await cluster.add(FakeDecode(f"d{i}", reserve_error=common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED))
+    with pytest.raises(BackendError) as err:
+        await collect(backend(cluster, max_attempts=3), req(prompt=SHORT))
+    assert err.value.kind == BackendErrorKind.OVERLOADED
+    # Three attempts, each on a different worker; the fourth worker is never asked.
+    assert sorted(w.reserve_calls for w in cluster.workers.values()) == [0, 1, 1, 1]
+
+
+async def test_early_exit_aborts_on_the_workers(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0"))
+    b = backend(cluster)
+    stream = b.generate(req(prompt=SHORT, max_tokens=50))
+    await anext(stream)
+    await stream.aclose()
+    assert cluster.workers["d0"].aborted == ["r1"]
+    await b.abort("r1")  # idempotent: nothing left to abort
+    assert cluster.workers["d0"].aborted == ["r1"]
+
+
+async def test_abort_from_outside_while_streaming(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0"))
+    b = backend(cluster)
+    stream = b.generate(req(prompt=SHORT, max_tokens=50))
+    await anext(stream)
+    await b.abort("r1")
+    assert cluster.workers["d0"].aborted == ["r1"]
+    await stream.aclose()
+
+
+async def test_decode_deadline(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0", hang=True))
+    with pytest.raises(BackendError) as err:
+        await asyncio.wait_for(collect(backend(cluster, decode_timeout_s=0.3), req(prompt=SHORT)), timeout=10)
+    assert err.value.kind == BackendErrorKind.TIMEOUT
+
+
+async def test_unreachable_worker_is_unavailable(cluster: Cluster) -> None:
+    record = WorkerRecord("d0", WorkerRole.DECODE, "127.0.0.1:1", FP, 4, 100, 100)
+    await cluster.store.register(record, ttl_s=60)
+    with pytest.raises(BackendError) as err:
+        await collect(backend(cluster, max_attempts=1, reserve_timeout_s=2.0), req(prompt=SHORT))
+    assert err.value.kind in (BackendErrorKind.UNAVAILABLE, BackendErrorKind.TIMEOUT)
+
+
+async def test_readiness_follows_the_registry(cluster: Cluster) -> None:
+    b = backend(cluster, refresh_interval_s=0.05)
+    await b.start()
+    try:
+        assert not b.ready()
+        with pytest.raises(BackendError) as err:
+            await collect(b, req())
+        assert err.value.kind == BackendErrorKind.UNAVAILABLE
+        await cluster.add(FakeDecode("dx"), fingerprint="another-model")
+        await asyncio.sleep(0.2)
+        assert not b.ready()  # a worker of another model does not count
+        await cluster.add(FakeDecode("d0"))
+        await asyncio.sleep(0.2)
+        assert b.ready()
+        events = await collect(b, req(prompt=SHORT, max_tokens=2))
+        assert events[0].route.decode_worker == "d0"
+    finally:
+        await b.close()
