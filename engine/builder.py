@@ -122,3 +122,37 @@ def build_engine(
     engine = LLMEngine(config, runner, kv, cfg.eos_token_ids)
     engine.fingerprint = fingerprint
     return engine
+
+
+def load_engine(
+    model: str | None,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = None,
+    cache: CacheConfig | None = None,
+    scheduler: SchedulerConfig | None = None,
+    attention_backend: str = "auto",
+    seed: int = 0,
+    max_model_len: int | None = None,
+):
+    """Resolve a model spec, load its weights and build the engine. Returns (engine, source)."""
+    from engine.model_source import resolve_model
+    from engine.weights import load_weights
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = resolve_model(model)
+    dt = parse_dtype(dtype, device)
+    weights = load_weights(source, dt, device, seed)
+    weights_id = source.weights_id + (f":seed={seed}" if source.kind == "dummy" else "")
+    engine = build_engine(
+        weights.hf_config, weights.tensors, dtype=dt, device=device, cache=cache, scheduler=scheduler,
+        attention_backend=attention_backend, weights_id=weights_id, seed=seed, max_model_len=max_model_len,
+    )
+    if source.tokenizer_dir:
+        from baton.text import Tokenizer
+
+        eos = Tokenizer.from_dir(source.tokenizer_dir).eos_token_ids
+        if eos:
+            engine.eos_token_ids = tuple(eos)
+    engine.model_name = source.name
+    return engine, source

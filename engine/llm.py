@@ -14,13 +14,10 @@ import torch
 from tqdm import tqdm
 
 from baton.text import IncrementalDetokenizer, Tokenizer
-from engine.builder import build_engine, parse_dtype
+from engine.builder import load_engine
 from engine.config import CacheConfig, SchedulerConfig
-from engine.engine import LLMEngine
-from engine.model_source import ModelSource, resolve_model
 from engine.request import FinishReason
 from engine.sampling.params import SamplingParams
-from engine.weights import load_weights
 
 Prompt = str | Sequence[int]
 
@@ -85,25 +82,17 @@ class LLM:
         attention_backend: str = "auto",
         seed: int = 0,
     ) -> None:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.source: ModelSource = resolve_model(model)
-        dt = parse_dtype(dtype, device)
-        weights = load_weights(self.source, dt, device, seed)
-        self.tokenizer = Tokenizer.from_dir(self.source.tokenizer_dir) if self.source.tokenizer_dir else None
-        self.engine: LLMEngine = build_engine(
-            weights.hf_config,
-            weights.tensors,
-            dtype=dt,
+        self.engine, self.source = load_engine(
+            model,
+            dtype=dtype,
             device=device,
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, cpu_kv_cache_bytes=kv_cache_bytes),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             attention_backend=attention_backend,
-            weights_id=self.source.weights_id,
             seed=seed,
             max_model_len=max_model_len,
         )
-        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
-            self.engine.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
+        self.tokenizer = Tokenizer.from_dir(self.source.tokenizer_dir) if self.source.tokenizer_dir else None
         self._ids = itertools.count()
 
     # --- prompts -----------------------------------------------------------------------------

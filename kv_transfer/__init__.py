@@ -1,0 +1,18 @@
+"""Moving KV blocks between workers: ``KVSender`` / ``KVReceiver`` over loopback, gloo or nccl.
+
+Map: ``base`` (contract, descriptors, poll states) · ``wire`` (control framing, HMAC handshake,
+headers) · ``reservations`` (receiver bookkeeping and descriptor checks, shared by all transports) ·
+``pair`` (standalone 2-rank process groups, deadline-bounded waits) · ``dist_sender`` /
+``dist_receiver`` (the torch.distributed transport) · ``gloo`` / ``nccl`` / ``loopback`` (entry points).
+"""
+
+from kv_transfer.base import (
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    TransferError,
+    TransferHandle,
+    TransferState,
+)
+
+__all__ = ["KVLayout", "KVReceiver", "KVSender", "TransferError", "TransferHandle", "TransferState"]

@@ -1,0 +1,274 @@
+"""Receiver over ``torch.distributed`` point-to-point (gloo or nccl), one group per sender.
+
+Threads: one accepts control connections on ``host:port``; each connection gets its own thread that
+authenticates the peer, builds the pair's process group on request, and serves pieces one at a time.
+Bytes arrive into a staging tensor and are scattered into the cache only after the piece is complete
+(and its checksum verified), so a peer dying mid-piece never leaves half a block behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from baton.v1 import kv_transfer_pb2
+from kv_transfer.base import KVReceiver, TransferError, TransferHandle, TransferState
+from kv_transfer.pair import (
+    RECEIVER_RANK,
+    SENDER_RANK,
+    Backend,
+    exchange_probe,
+    make_group,
+    teardown_group,
+    wait_works,
+)
+from kv_transfer.reservations import ReservationTable
+from kv_transfer.wire import (
+    PeerGone,
+    as_secret,
+    error_to_proto,
+    message_views,
+    recv_message,
+    send_message,
+    server_handshake,
+)
+
+Message = kv_transfer_pb2.ControlMessage
+
+
+class DistKVReceiver(KVReceiver):
+    """Accepts KV from authenticated senders into ``kv_cache`` (which must live on ``device``)."""
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        *,
+        backend: str,
+        secret: bytes | str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        receiver_id: str = "",
+        handshake_timeout: float = 5.0,
+        group_timeout: float = 60.0,
+        max_connections: int = 256,
+    ) -> None:
+        self._backend = Backend(backend, kv_cache.device)
+        self._secret = as_secret(secret)
+        self._host = host
+        self._handshake_timeout = handshake_timeout
+        self._group_timeout = group_timeout
+        self._max_connections = max_connections
+        self.receiver_id = receiver_id or f"decode-{uuid.uuid4().hex[:8]}"
+        self._store = dist.TCPStore(
+            host, 0, None, True, datetime.timedelta(seconds=group_timeout), wait_for_workers=False
+        )
+        self._listener = socket.create_server((host, port))
+        bound_port = self._listener.getsockname()[1]
+        self._table = ReservationTable(kv_cache, f"{host}:{bound_port}", self.receiver_id)
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._closed = threading.Event()
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name=f"kv-accept-{bound_port}", daemon=True
+        )
+        self._acceptor.start()
+
+    @property
+    def address(self) -> str:
+        return self._table.address
+
+    @property
+    def store_address(self) -> str:
+        return f"{self._host}:{self._store.port}"
+
+    @property
+    def num_reservations(self) -> int:
+        return len(self._table)
+
+    def reserve(
+        self,
+        request_id: str,
+        block_ids_dst: Sequence[int],
+        num_tokens: int,
+        deadline: float,
+        *,
+        first_block_index: int = 0,
+    ) -> TransferHandle:
+        return self._table.reserve(request_id, block_ids_dst, num_tokens, deadline, first_block_index)
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        return self._table.poll(handle)
+
+    def error(self, handle: TransferHandle) -> str | None:
+        return self._table.error(handle)
+
+    def release(self, handle: TransferHandle) -> None:
+        self._table.release(handle)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.shutdown()
+        for connection in connections:
+            connection.thread.join(timeout=2.0)
+        self._acceptor.join(timeout=2.0)
+        self._table.fail_all("receiver closed")
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # listener closed
+            with self._lock:
+                if len(self._connections) >= self._max_connections:
+                    sock.close()
+                    continue
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+                )  # small control frames, no batching
+                connection = _Connection(self, sock)
+                self._connections.add(connection)
+            connection.thread.start()
+
+    def _forget(self, connection: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+
+class _Connection:
+    """One authenticated sender: its control socket, its process group, and the thread serving it."""
+
+    def __init__(self, receiver: DistKVReceiver, sock: socket.socket) -> None:
+        self.receiver = receiver
+        self.sock = sock
+        self.group: dist.ProcessGroup | None = None
+        self.sender_id = "?"
+        self.thread = threading.Thread(target=self._run, name="kv-recv-conn", daemon=True)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        receiver, reason = self.receiver, "connection closed"
+        try:
+            receiver._backend.activate()
+            deadline = time.time() + receiver._handshake_timeout
+            self.sender_id = server_handshake(self.sock, receiver._secret, receiver.receiver_id, deadline)
+            while not receiver._closed.is_set():
+                if not self._serve(recv_message(self.sock, deadline=None)):
+                    break
+        except (TransferError, PeerGone, TimeoutError, OSError, RuntimeError) as exc:
+            reason = f"connection to sender {self.sender_id!r} lost: {exc}"
+        finally:
+            receiver._table.fail_owner(self, reason)
+            teardown_group(self.group)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            receiver._forget(self)
+
+    def _serve(self, message: kv_transfer_pb2.ControlMessage) -> bool:
+        """Handle one control message; False ends the connection."""
+        kind = message.WhichOneof("kind")
+        if kind == "pair_setup_request":
+            try:
+                self._setup_pair(message.pair_setup_request)
+            except TransferError as exc:
+                self._nack("", 0, exc)
+                raise
+        elif kind == "transfer_header":
+            self._receive_piece(message.transfer_header)
+        elif kind == "transfer_done":
+            done = message.transfer_done
+            try:
+                self.receiver._table.finish(done, owner=self)
+            except TransferError as exc:
+                self._nack(done.handle_id, 0, exc)
+            else:
+                self._reply(Message(ack=kv_transfer_pb2.Ack(handle_id=done.handle_id)))
+        elif kind == "goodbye":
+            return False
+        else:
+            raise TransferError("INVALID_ARGUMENT", f"unexpected control message {kind!r}")
+        return True
+
+    def _setup_pair(self, request: kv_transfer_pb2.PairSetupRequest) -> None:
+        receiver = self.receiver
+        if self.group is not None:
+            raise TransferError("INVALID_ARGUMENT", "pair already set up on this connection")
+        if request.backend != receiver._backend.name:
+            raise TransferError(
+                "INVALID_ARGUMENT", f"sender uses {request.backend!r}, receiver {receiver._backend.name!r}"
+            )
+        prefix = f"baton-kv/{secrets.token_hex(16)}/"
+        response = kv_transfer_pb2.PairSetupResponse(
+            store_address=receiver.store_address,
+            group_prefix=prefix,
+            sender_rank=SENDER_RANK,
+            receiver_rank=RECEIVER_RANK,
+            timeout_ms=int(receiver._group_timeout * 1000),
+        )
+        self._reply(Message(pair_setup_response=response))
+        deadline = time.time() + receiver._group_timeout
+        self.group = make_group(
+            receiver._backend, receiver._store, prefix, RECEIVER_RANK, receiver._host, receiver._group_timeout
+        )
+        exchange_probe(self.group, receiver._backend, RECEIVER_RANK, deadline, self.sock)
+
+    def _receive_piece(self, header: kv_transfer_pb2.TransferHeader) -> None:
+        table = self.receiver._table
+        if self.group is None:
+            error = TransferError("INVALID_ARGUMENT", "transfer before pair setup")
+            table.fail(header.handle_id, str(error))
+            self._nack(header.handle_id, header.piece_index, error)
+            return
+        try:
+            ticket = table.accept_header(header, owner=self)
+        except TransferError as exc:
+            self._nack(header.handle_id, header.piece_index, exc)
+            return
+        self._reply(
+            Message(ack=kv_transfer_pb2.Ack(handle_id=header.handle_id, piece_index=header.piece_index))
+        )
+        views = message_views(ticket.staging, header)
+        works = [self.group.recv([view], SENDER_RANK, tag) for tag, view in enumerate(views)]
+        try:
+            wait_works(works, self.receiver._backend, ticket.deadline, self.sock)
+        except (TimeoutError, PeerGone, RuntimeError) as exc:
+            table.fail(header.handle_id, f"piece {header.piece_index} did not arrive: {exc}")
+            raise  # the group may hold unmatched operations: drop the connection and its group
+        try:
+            table.land(ticket)
+        except TransferError as exc:
+            self._nack(header.handle_id, header.piece_index, exc)
+            return
+        self._reply(
+            Message(ack=kv_transfer_pb2.Ack(handle_id=header.handle_id, piece_index=header.piece_index))
+        )
+
+    def _nack(self, handle_id: str, piece_index: int, error: TransferError) -> None:
+        nack = kv_transfer_pb2.Nack(handle_id=handle_id, piece_index=piece_index, error=error_to_proto(error))
+        self._reply(Message(nack=nack))
+
+    def _reply(self, message: kv_transfer_pb2.ControlMessage) -> None:
+        send_message(self.sock, message, time.time() + self.receiver._handshake_timeout)

@@ -1,0 +1,311 @@
+"""Receiver-side bookkeeping shared by every transport: reservations, header checks, landing pieces.
+
+Flow for one piece: ``accept_header`` validates the descriptor against the reservation and returns a
+``PieceTicket`` (the staging tensor to receive into); the transport fills it; ``land`` verifies the
+checksum and scatters it into the cache. ``finish`` handles the done marker.
+
+Thread-safety: one table lock guards the dict and every reservation's fields; the scatter runs under
+the reservation's own lock, which ``release`` also takes, so a released reservation is never written.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from baton.v1 import kv_transfer_pb2
+from kv_transfer.base import (
+    KVLayout,
+    TransferError,
+    TransferHandle,
+    TransferState,
+    check_block_ids,
+    scatter_blocks,
+)
+from kv_transfer.wire import Checksum, checksum
+
+_CHECKSUM_SIZES = {
+    Checksum.CHECKSUM_ALGORITHM_NONE: 0,
+    Checksum.CHECKSUM_ALGORITHM_CRC32: 4,
+    Checksum.CHECKSUM_ALGORITHM_SHA256: 32,
+}
+
+
+@dataclass
+class _Reservation:
+    handle: TransferHandle
+    state: TransferState = TransferState.BOOTSTRAPPING
+    error: str | None = None
+    landed: list[bool] = field(default_factory=list)
+    pieces_landed: int = 0
+    next_piece_index: int = 0
+    owner: object | None = None  # the connection feeding it; others are refused
+    released: bool = False
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class PieceTicket:
+    """An accepted header and the staging tensor its bytes are received into."""
+
+    handle_id: str
+    header: kv_transfer_pb2.TransferHeader
+    positions: range  # indices into the reservation's block ids
+    staging: torch.Tensor
+    deadline: float  # the reservation's: the bytes must arrive before it
+
+
+class ReservationTable:
+    def __init__(self, kv_cache: torch.Tensor, address: str, receiver_id: str) -> None:
+        self.kv_cache = kv_cache
+        self.layout = KVLayout.of(kv_cache)
+        self.num_blocks = kv_cache.shape[2]
+        self.address = address
+        self.receiver_id = receiver_id
+        self._lock = threading.Lock()
+        self._reservations: dict[str, _Reservation] = {}
+
+    # ---------------------------------------------------------------------------- the worker's side
+
+    def reserve(
+        self,
+        request_id: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        deadline: float,
+        first_block_index: int = 0,
+    ) -> TransferHandle:
+        ids = check_block_ids(block_ids, self.num_blocks, f"reserve({request_id!r})")
+        if num_tokens <= 0 or first_block_index < 0:
+            raise ValueError(
+                f"reserve({request_id!r}): num_tokens={num_tokens}, first_block_index={first_block_index}"
+            )
+        expected = self.layout.num_blocks_for(num_tokens) - first_block_index
+        if len(ids) != expected or expected <= 0:
+            raise ValueError(
+                f"reserve({request_id!r}): {len(ids)} block ids given, {expected} needed for {num_tokens} tokens "
+                f"of block size {self.layout.block_size} after {first_block_index} cached blocks"
+            )
+        handle = TransferHandle(
+            request_id=request_id,
+            handle_id=uuid.uuid4().hex,
+            receiver_id=self.receiver_id,
+            address=self.address,
+            block_ids=ids,
+            num_tokens=num_tokens,
+            layout=self.layout,
+            deadline=deadline,
+            first_block_index=first_block_index,
+        )
+        with self._lock:
+            self._reservations[handle.handle_id] = _Reservation(handle, landed=[False] * len(ids))
+        return handle
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        with self._lock:
+            reservation = self._get(handle.handle_id)
+            self._expire(reservation)
+            return reservation.state
+
+    def error(self, handle: TransferHandle) -> str | None:
+        with self._lock:
+            reservation = self._get(handle.handle_id)
+            self._expire(reservation)
+            return reservation.error
+
+    def release(self, handle: TransferHandle) -> None:
+        with self._lock:
+            reservation = self._reservations.pop(handle.handle_id, None)
+        if reservation is not None:
+            with reservation.write_lock:  # waits for a scatter in progress, if any
+                reservation.released = True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._reservations)
+
+    # ----------------------------------------------------------------------------- the wire's side
+
+    def accept_header(self, header: kv_transfer_pb2.TransferHeader, owner: object) -> PieceTicket:
+        """Validate a descriptor; raises TransferError (and fails the reservation) when it is wrong."""
+        with self._lock:
+            reservation = self._reservations.get(header.handle_id)
+            if reservation is None:
+                raise TransferError("NOT_FOUND", f"unknown or released transfer handle {header.handle_id!r}")
+            try:
+                positions = self._check_header(reservation, header, owner)
+            except TransferError as exc:
+                if exc.code != "NOT_FOUND" and not reservation.state.is_terminal:
+                    self._fail(reservation, f"rejected piece {header.piece_index}: {exc}")
+                raise
+            reservation.owner = owner
+            reservation.next_piece_index += 1
+            if reservation.state is TransferState.BOOTSTRAPPING:
+                reservation.state = TransferState.TRANSFERRING
+        staging = torch.empty(tuple(header.shape), dtype=self.layout.torch_dtype, device=self.kv_cache.device)
+        return PieceTicket(header.handle_id, header, positions, staging, reservation.handle.deadline)
+
+    def land(self, ticket: PieceTicket) -> None:
+        """Verify the received bytes and scatter them into the reserved blocks."""
+        header = ticket.header
+        with self._lock:
+            reservation = self._reservations.get(ticket.handle_id)
+        if reservation is None:
+            raise TransferError(
+                "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
+            )
+        if header.checksum_algorithm != Checksum.CHECKSUM_ALGORITHM_NONE:
+            if checksum(header.checksum_algorithm, ticket.staging) != header.checksum:
+                self.fail(ticket.handle_id, f"checksum mismatch in piece {header.piece_index}")
+                raise TransferError("TRANSFER_FAILED", f"checksum mismatch in piece {header.piece_index}")
+        with reservation.write_lock:
+            if reservation.released:
+                raise TransferError(
+                    "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
+                )
+            scatter_blocks(self.kv_cache, header.block_ids, ticket.staging)
+            if self.kv_cache.is_cuda:  # SUCCESS must mean the bytes are in place for any stream
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        with self._lock:
+            for position in ticket.positions:
+                reservation.landed[position] = True
+            reservation.pieces_landed += 1
+
+    def finish(self, done: kv_transfer_pb2.TransferDone, owner: object) -> None:
+        """The done marker: SUCCESS when every reserved block landed, else FAILED."""
+        with self._lock:
+            reservation = self._reservations.get(done.handle_id)
+            if reservation is None:
+                raise TransferError("NOT_FOUND", f"unknown or released transfer handle {done.handle_id!r}")
+            self._expire(reservation)
+            if reservation.state is TransferState.FAILED:
+                raise TransferError("TRANSFER_FAILED", reservation.error or "transfer failed")
+            problem = None
+            if done.request_id != reservation.handle.request_id:
+                problem = f"request id {done.request_id!r} does not match the reservation's {reservation.handle.request_id!r}"
+            elif reservation.owner is not None and reservation.owner is not owner:
+                problem = "done marker from a connection other than the one that sent the pieces"
+            elif done.num_pieces != reservation.pieces_landed:
+                problem = f"sender sent {done.num_pieces} pieces, {reservation.pieces_landed} landed"
+            elif not all(reservation.landed):
+                missing = [
+                    reservation.handle.block_ids[i] for i, ok in enumerate(reservation.landed) if not ok
+                ]
+                problem = f"{len(missing)} reserved blocks never arrived (first: {missing[:8]})"
+            if problem is not None:
+                self._fail(reservation, problem)
+                raise TransferError("INVALID_ARGUMENT", problem)
+            reservation.state = TransferState.SUCCESS
+
+    def fail(self, handle_id: str, message: str) -> None:
+        with self._lock:
+            reservation = self._reservations.get(handle_id)
+            if reservation is not None and not reservation.state.is_terminal:
+                self._fail(reservation, message)
+
+    def fail_all(self, message: str) -> None:
+        """The receiver shuts down: every unfinished transfer fails."""
+        with self._lock:
+            for reservation in self._reservations.values():
+                if not reservation.state.is_terminal:
+                    self._fail(reservation, message)
+
+    def fail_owner(self, owner: object, message: str) -> None:
+        """A connection died: every unfinished transfer it was feeding fails."""
+        with self._lock:
+            for reservation in self._reservations.values():
+                if reservation.owner is owner and not reservation.state.is_terminal:
+                    self._fail(reservation, message)
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    def _get(self, handle_id: str) -> _Reservation:
+        reservation = self._reservations.get(handle_id)
+        if reservation is None:
+            raise KeyError(f"unknown or released transfer handle {handle_id!r}")
+        return reservation
+
+    @staticmethod
+    def _fail(reservation: _Reservation, message: str) -> None:
+        reservation.state = TransferState.FAILED
+        reservation.error = message
+
+    def _expire(self, reservation: _Reservation) -> None:
+        if not reservation.state.is_terminal and time.time() > reservation.handle.deadline:
+            self._fail(reservation, "deadline exceeded before every block arrived")
+
+    def _check_header(
+        self, reservation: _Reservation, header: kv_transfer_pb2.TransferHeader, owner: object
+    ) -> range:
+        handle, layout = reservation.handle, self.layout
+        self._expire(reservation)
+        if reservation.state is TransferState.FAILED:
+            raise TransferError("TRANSFER_FAILED", f"transfer already failed: {reservation.error}")
+        if reservation.state is TransferState.SUCCESS:
+            raise TransferError("INVALID_ARGUMENT", "transfer already complete")
+        if header.request_id != handle.request_id:
+            raise TransferError(
+                "INVALID_ARGUMENT",
+                f"request id {header.request_id!r} does not match the reservation's {handle.request_id!r}",
+            )
+        if reservation.owner is not None and reservation.owner is not owner:
+            raise TransferError("INVALID_ARGUMENT", "another connection is already sending this transfer")
+        if header.piece_index != reservation.next_piece_index:
+            raise TransferError(
+                "INVALID_ARGUMENT",
+                f"piece {header.piece_index} out of order, expected {reservation.next_piece_index}",
+            )
+        if header.num_layers != layout.num_layers:
+            raise TransferError(
+                "INVALID_ARGUMENT", f"{header.num_layers} layers sent, cache has {layout.num_layers}"
+            )
+        if header.dtype != layout.dtype:
+            raise TransferError(
+                "INVALID_ARGUMENT", f"dtype {header.dtype!r} sent, cache holds {layout.dtype!r}"
+            )
+        count, offset = len(header.block_ids), header.dst_block_offset
+        if count == 0:
+            raise TransferError("INVALID_ARGUMENT", "a piece must carry at least one block")
+        bad = [b for b in header.block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise TransferError(
+                "INVALID_ARGUMENT", f"block ids {bad[:8]} out of range [0, {self.num_blocks})"
+            )
+        if offset < 0 or offset + count > len(handle.block_ids):
+            raise TransferError(
+                "INVALID_ARGUMENT",
+                f"blocks [{offset}, {offset + count}) exceed the {len(handle.block_ids)} reserved",
+            )
+        if tuple(header.block_ids) != handle.block_ids[offset : offset + count]:
+            raise TransferError(
+                "INVALID_ARGUMENT", f"block ids at offset {offset} differ from the reserved ones"
+            )
+        positions = range(offset, offset + count)
+        if any(reservation.landed[p] for p in positions):
+            raise TransferError("INVALID_ARGUMENT", f"blocks at offset {offset} were already sent")
+        if tuple(header.shape) != layout.piece_shape(count):
+            raise TransferError(
+                "INVALID_ARGUMENT",
+                f"shape {list(header.shape)} does not match {list(layout.piece_shape(count))}",
+            )
+        if header.payload_bytes != count * layout.block_bytes:
+            raise TransferError(
+                "INVALID_ARGUMENT",
+                f"payload of {header.payload_bytes} bytes, expected {count * layout.block_bytes}",
+            )
+        if header.message_bytes <= 0 or header.num_messages != math.ceil(
+            header.payload_bytes / header.message_bytes
+        ):
+            raise TransferError(
+                "INVALID_ARGUMENT",
+                f"{header.num_messages} messages of {header.message_bytes} bytes cannot carry {header.payload_bytes}",
+            )
+        if _CHECKSUM_SIZES.get(header.checksum_algorithm, -1) != len(header.checksum):
+            raise TransferError("INVALID_ARGUMENT", "unknown checksum algorithm or malformed checksum")
+        return positions

@@ -1,0 +1,154 @@
+"""One harness per transport, so the conformance suite runs the same tests against each.
+
+A harness builds receivers and senders, and can deliver a hand-made (possibly forged) header the way
+a sender would, returning the receiver's verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from baton.v1 import kv_transfer_pb2, worker_pb2
+from kv_transfer.base import KVReceiver, KVSender, TransferError, TransferHandle
+from kv_transfer.dist_receiver import DistKVReceiver
+from kv_transfer.dist_sender import DistKVSender, SenderConnection
+from kv_transfer.loopback import LoopbackHub, LoopbackReceiver, LoopbackSender
+from kv_transfer.pair import Backend
+from kv_transfer.wire import as_secret
+
+SECRET = "conformance-secret"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Harness:
+    name: str
+    src_device: torch.device
+    dst_device: torch.device
+
+    def __post_init__(self) -> None:
+        self.hub = LoopbackHub()
+        self._closables: list = []
+
+    @property
+    def is_network(self) -> bool:
+        return self.name != "loopback"
+
+    def receiver(self, kv_cache: torch.Tensor, secret: str = SECRET) -> KVReceiver:
+        if self.name == "loopback":
+            receiver = LoopbackReceiver(self.hub, kv_cache, secret)
+        else:
+            receiver = DistKVReceiver(kv_cache, backend=self.name, secret=secret, group_timeout=20.0)
+        self._closables.append(receiver)
+        return receiver
+
+    def sender(self, secret: str = SECRET, **options) -> KVSender:
+        if self.name == "loopback":
+            sender = LoopbackSender(self.hub, secret, **options)
+        else:
+            sender = DistKVSender(
+                backend=self.name, device=self.src_device, secret=secret, group_timeout=20.0, **options
+            )
+        self._closables.append(sender)
+        return sender
+
+    def deliver_header(
+        self, receiver: KVReceiver, header: kv_transfer_pb2.TransferHeader
+    ) -> TransferError | None:
+        """Send ``header`` as an authenticated sender would; the receiver's rejection, or None if accepted."""
+        if self.name == "loopback":
+            try:
+                receiver.table.accept_header(header, owner=object())
+            except TransferError as exc:
+                return exc
+            return None
+        backend = Backend(self.name, self.src_device)
+        backend.activate()
+        connection = SenderConnection.open(
+            receiver.address,
+            backend=backend,
+            secret=as_secret(SECRET),
+            sender_id="forger",
+            local_host="127.0.0.1",
+            deadline=time.time() + 20,
+            group_timeout=20,
+        )
+        try:
+            connection.send_header(header, time.time() + 10)
+        except TransferError as exc:
+            return exc
+        finally:
+            connection.close()
+        return None
+
+    def close(self) -> None:
+        for closable in reversed(self._closables):
+            closable.close()
+
+
+def wait_terminal(poll, handle: TransferHandle, timeout: float) -> float:
+    """Poll until a terminal state; returns the seconds it took. Fails the test past ``timeout``."""
+    start = time.monotonic()
+    while not poll(handle).is_terminal:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"transfer still {poll(handle)} after {timeout}s")
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+def random_cache(
+    layers: int, blocks: int, block_size: int, heads: int, head_dim: int, dtype, device, seed: int = 0
+) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    cache = torch.randn(layers, 2, blocks, block_size, heads, head_dim, generator=generator)
+    return cache.to(dtype=dtype, device=device)
+
+
+class PeerProcess:
+    """A real peer process (tests/kv_transfer/peer_process.py) that the test can kill."""
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.kv_transfer.peer_process", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def read_json(self, timeout: float = 60.0) -> dict:
+        """The peer's ready line (it prints exactly one)."""
+        import selectors
+
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            self.kill()
+            raise AssertionError(f"peer printed nothing in {timeout}s: {self.process.stderr.read()}")
+        line = self.process.stdout.readline()
+        if not line:
+            raise AssertionError(f"peer exited early: {self.process.wait()} {self.process.stderr.read()}")
+        return json.loads(line)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def target_of(payload: dict, request_id: str = "peer-request") -> TransferHandle:
+    from kv_transfer.wire import handle_from_kv_target
+
+    return handle_from_kv_target(worker_pb2.KVTarget.FromString(bytes.fromhex(payload["target"])), request_id)

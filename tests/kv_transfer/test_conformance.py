@@ -1,0 +1,382 @@
+"""The KV transfer conformance suite: every transport must pass every test here.
+
+Transports: loopback (in-process), gloo (real sockets and process groups, CPU), nccl (two GPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from kv_transfer.base import KVLayout, TransferState, gather_blocks
+from kv_transfer.wire import CHECKSUMS, build_header, handle_to_kv_target
+
+from .harness import Harness, PeerProcess, random_cache, target_of, wait_terminal
+
+LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 4, 2, 8
+NUM_BLOCKS = 32
+
+
+def _nccl_available() -> bool:
+    return (
+        torch.cuda.is_available() and torch.cuda.device_count() >= 2 and torch.distributed.is_nccl_available()
+    )
+
+
+@pytest.fixture(
+    params=[
+        "loopback",
+        "gloo",
+        pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.multi_gpu]),
+    ]
+)
+def transport(request) -> Harness:
+    if request.param == "nccl":
+        if not _nccl_available():
+            pytest.skip("needs two CUDA GPUs and NCCL")
+        harness = Harness("nccl", torch.device("cuda:0"), torch.device("cuda:1"))
+    else:
+        harness = Harness(request.param, torch.device("cpu"), torch.device("cpu"))
+    yield harness
+    harness.close()
+
+
+@pytest.fixture
+def gloo_transport() -> Harness:
+    harness = Harness("gloo", torch.device("cpu"), torch.device("cpu"))
+    yield harness
+    harness.close()
+
+
+def _caches(h: Harness, dtype=torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    src = random_cache(LAYERS, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, dtype, h.src_device, seed)
+    dst = torch.zeros(LAYERS, 2, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, dtype=dtype, device=h.dst_device)
+    return src, dst
+
+
+def _assert_landed(src, dst, src_ids, dst_ids) -> None:
+    got, want = dst[:, :, list(dst_ids)].cpu(), src[:, :, list(src_ids)].cpu()
+    assert torch.equal(got, want), "destination blocks differ from the source blocks"
+    untouched = sorted(set(range(dst.shape[2])) - set(dst_ids))
+    assert not dst[:, :, untouched].cpu().any(), "blocks outside the reservation were written"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_of_random_blocks(transport: Harness, dtype) -> None:
+    rng = random.Random(7)
+    src, dst = _caches(transport, dtype)
+    receiver, sender = transport.receiver(dst), transport.sender()
+    src_ids = rng.sample(range(NUM_BLOCKS), 6)
+    dst_ids = rng.sample(range(NUM_BLOCKS), 6)
+    handle = receiver.reserve("req-1", dst_ids, num_tokens=6 * BLOCK_SIZE - 1, deadline=time.time() + 30)
+    assert receiver.poll(handle) is TransferState.BOOTSTRAPPING
+
+    sender.send(handle, src_ids, src)
+    wait_terminal(sender.poll, handle, 30)
+
+    assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+    assert receiver.poll(handle) is TransferState.SUCCESS, receiver.error(handle)
+    _assert_landed(src, dst, src_ids, dst_ids)
+
+
+def test_multi_piece_send_in_any_order(transport: Harness) -> None:
+    src, dst = _caches(transport, torch.bfloat16)
+    receiver, sender = transport.receiver(dst), transport.sender()
+    src_ids, dst_ids = [3, 9, 1, 30, 12, 5, 7], [20, 2, 11, 6, 0, 31, 14]
+    handle = receiver.reserve("req-pieces", dst_ids, num_tokens=7 * BLOCK_SIZE, deadline=time.time() + 30)
+
+    sender.send(handle, src_ids[2:5], src, dst_block_offset=2, last=False)
+    sender.send(handle, src_ids[:2], src, dst_block_offset=0, last=False)
+    wait_until = time.monotonic() + 30
+    while receiver.poll(handle) is TransferState.BOOTSTRAPPING and time.monotonic() < wait_until:
+        time.sleep(0.002)
+    assert receiver.poll(handle) is TransferState.TRANSFERRING, "pieces landed but no done marker yet"
+    sender.send(handle, src_ids[5:], src, dst_block_offset=5, last=True)
+    wait_terminal(sender.poll, handle, 30)
+
+    assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+    assert receiver.poll(handle) is TransferState.SUCCESS
+    _assert_landed(src, dst, src_ids, dst_ids)
+
+
+def test_bare_done_marker_after_pieces(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver, sender = transport.receiver(dst), transport.sender()
+    handle = receiver.reserve("req-done", [4, 5], num_tokens=2 * BLOCK_SIZE, deadline=time.time() + 30)
+    sender.send(handle, [0, 1], src, last=False)
+    sender.send(handle, [], src, dst_block_offset=2, last=True)
+    wait_terminal(sender.poll, handle, 30)
+    assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+    _assert_landed(src, dst, [0, 1], [4, 5])
+
+
+def test_done_marker_before_every_block_fails(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver, sender = transport.receiver(dst), transport.sender()
+    handle = receiver.reserve("req-short", [4, 5, 6], num_tokens=3 * BLOCK_SIZE, deadline=time.time() + 30)
+    sender.send(handle, [0, 1], src, last=True)
+    wait_terminal(sender.poll, handle, 30)
+    assert sender.poll(handle) is TransferState.FAILED
+    assert "never arrived" in sender.error(handle)
+    assert receiver.poll(handle) is TransferState.FAILED
+
+
+def test_prefix_cached_blocks_are_skipped(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver, sender = transport.receiver(dst), transport.sender()
+    # 5 prompt blocks, the first 2 already cached at the receiver: only 3 are reserved and sent.
+    handle = receiver.reserve(
+        "req-prefix", [8, 9, 10], num_tokens=5 * BLOCK_SIZE, deadline=time.time() + 30, first_block_index=2
+    )
+    sender.send(handle, [2, 3, 4], src)
+    wait_terminal(sender.poll, handle, 30)
+    assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+    _assert_landed(src, dst, [2, 3, 4], [8, 9, 10])
+
+
+@pytest.mark.parametrize("message_bytes", [1000, 4096, 1 << 20])
+def test_big_transfer_split_into_messages(transport: Harness, message_bytes: int) -> None:
+    src, dst = _caches(transport)
+    layout = KVLayout.of(src)
+    receiver, sender = transport.receiver(dst), transport.sender(max_message_bytes=message_bytes)
+    ids = list(range(16))
+    handle = receiver.reserve("req-big", ids, num_tokens=16 * BLOCK_SIZE, deadline=time.time() + 30)
+    header = build_header(handle, 0, gather_blocks(src, ids), 0, message_bytes, CHECKSUMS["none"])
+    assert header.payload_bytes == 16 * layout.block_bytes
+    assert header.num_messages == -(-header.payload_bytes // message_bytes)
+
+    sender.send(handle, list(reversed(ids)), src)
+    wait_terminal(sender.poll, handle, 60)
+    assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+    _assert_landed(src, dst, list(reversed(ids)), ids)
+
+
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+def test_checksummed_transfer(transport: Harness, checksum: str) -> None:
+    src, dst = _caches(transport)
+    receiver, sender = transport.receiver(dst), transport.sender(checksum=checksum)
+    handle = receiver.reserve("req-sum", [1, 2], num_tokens=2 * BLOCK_SIZE, deadline=time.time() + 30)
+    sender.send(handle, [7, 8], src)
+    wait_terminal(sender.poll, handle, 30)
+    assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+    _assert_landed(src, dst, [7, 8], [1, 2])
+
+
+def test_concurrent_transfers_from_two_senders(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    senders = [transport.sender(), transport.sender()]
+    handles = [
+        receiver.reserve(
+            f"req-{i}",
+            [10 + 4 * i + k for k in range(4)],
+            num_tokens=4 * BLOCK_SIZE,
+            deadline=time.time() + 30,
+        )
+        for i in range(2)
+    ]
+    threads = [
+        threading.Thread(target=s.send, args=(h, [4 * i + k for k in range(4)], src))
+        for i, (s, h) in enumerate(zip(senders, handles, strict=True))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for sender, handle in zip(senders, handles, strict=True):
+        wait_terminal(sender.poll, handle, 30)
+        assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+    _assert_landed(src, dst, list(range(8)), list(range(10, 18)))
+
+
+def test_wrong_secret_is_rejected(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    intruder = transport.sender(secret="not-the-secret")
+    handle = receiver.reserve("req-auth", [3], num_tokens=BLOCK_SIZE, deadline=time.time() + 10)
+    intruder.send(handle, [0], src)
+    wait_terminal(intruder.poll, handle, 10)
+    assert intruder.poll(handle) is TransferState.FAILED
+    assert "authentication" in intruder.error(handle)
+    assert receiver.poll(handle) is TransferState.BOOTSTRAPPING, (
+        "an unauthenticated peer touched the reservation"
+    )
+    assert not dst.cpu().any()
+
+
+def _unreserved(header, handle) -> None:
+    header.block_ids[0] = next(b for b in range(NUM_BLOCKS) if b not in handle.block_ids)
+
+
+# name -> (mutate(header, handle), expected error code, expected message fragment)
+FORGERIES = {
+    "unknown handle": (lambda h, _: setattr(h, "handle_id", "f" * 32), "NOT_FOUND", "unknown"),
+    "wrong request id": (
+        lambda h, _: setattr(h, "request_id", "someone-else"),
+        "INVALID_ARGUMENT",
+        "request id",
+    ),
+    "block id out of range": (
+        lambda h, _: h.block_ids.__setitem__(0, NUM_BLOCKS + 5),
+        "INVALID_ARGUMENT",
+        "out of range",
+    ),
+    "negative block id": (lambda h, _: h.block_ids.__setitem__(1, -1), "INVALID_ARGUMENT", "out of range"),
+    "unreserved block id": (_unreserved, "INVALID_ARGUMENT", "differ from the reserved"),
+    "offset past reservation": (lambda h, _: setattr(h, "dst_block_offset", 2), "INVALID_ARGUMENT", "exceed"),
+    "wrong dtype": (lambda h, _: setattr(h, "dtype", "float16"), "INVALID_ARGUMENT", "dtype"),
+    "wrong layer count": (lambda h, _: setattr(h, "num_layers", LAYERS + 1), "INVALID_ARGUMENT", "layers"),
+    "wrong shape": (lambda h, _: h.shape.__setitem__(4, HEADS * 2), "INVALID_ARGUMENT", "shape"),
+    "wrong payload size": (
+        lambda h, _: setattr(h, "payload_bytes", h.payload_bytes * 2),
+        "INVALID_ARGUMENT",
+        "payload",
+    ),
+    "message count": (
+        lambda h, _: setattr(h, "num_messages", h.num_messages + 3),
+        "INVALID_ARGUMENT",
+        "messages",
+    ),
+    "piece out of order": (lambda h, _: setattr(h, "piece_index", 4), "INVALID_ARGUMENT", "out of order"),
+    "malformed checksum": (lambda h, _: setattr(h, "checksum", b"abc"), "INVALID_ARGUMENT", "checksum"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_forged_descriptor_is_rejected(transport: Harness, forgery: str) -> None:
+    src, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    handle = receiver.reserve("req-forged", [5, 6, 7], num_tokens=3 * BLOCK_SIZE, deadline=time.time() + 30)
+    mutate, code, fragment = FORGERIES[forgery]
+    header = build_header(handle, 0, gather_blocks(src, [0, 1, 2]), 0, 4096, CHECKSUMS["none"])
+    mutate(header, handle)
+
+    error = transport.deliver_header(receiver, header)
+
+    assert error is not None, f"forged header ({forgery}) was accepted"
+    assert error.code == code, error
+    assert fragment in error.message, error.message
+    assert not dst.cpu().any(), "a rejected header wrote into the cache"
+    if code != "NOT_FOUND":  # the reservation it aimed at failed loudly instead of waiting for its deadline
+        assert receiver.poll(handle) is TransferState.FAILED
+        assert fragment in receiver.error(handle)
+
+
+def test_receiver_fails_at_deadline_when_no_sender_comes(transport: Harness) -> None:
+    _, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    handle = receiver.reserve("req-lonely", [0, 1], num_tokens=2 * BLOCK_SIZE, deadline=time.time() + 0.5)
+    assert receiver.poll(handle) is TransferState.BOOTSTRAPPING
+    elapsed = wait_terminal(receiver.poll, handle, 5)
+    assert receiver.poll(handle) is TransferState.FAILED
+    assert "deadline" in receiver.error(handle)
+    assert 0.3 < elapsed < 2.0
+    receiver.release(handle)
+    with pytest.raises(KeyError):
+        receiver.poll(handle)
+
+
+def test_sender_to_missing_receiver_fails(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    handle = receiver.reserve("req-gone", [0], num_tokens=BLOCK_SIZE, deadline=time.time() + 5)
+    receiver.close()
+    sender = transport.sender()
+    sender.send(handle, [0], src)
+    assert wait_terminal(sender.poll, handle, 10) < 5.5
+    assert sender.poll(handle) is TransferState.FAILED
+
+
+def test_silent_receiver_fails_within_deadline(gloo_transport: Harness) -> None:
+    """A peer that accepts the connection and never answers: FAILED at the deadline, not a hang."""
+    src, dst = _caches(gloo_transport)
+    real = gloo_transport.receiver(dst)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        handle = real.reserve("req-silent", [0], num_tokens=BLOCK_SIZE, deadline=time.time() + 1.0)
+        handle = dataclasses.replace(handle, address=f"127.0.0.1:{silent.getsockname()[1]}")
+        sender = gloo_transport.sender()
+        sender.send(handle, [0], src)
+        elapsed = wait_terminal(sender.poll, handle, 5)
+    assert sender.poll(handle) is TransferState.FAILED
+    assert elapsed < 2.0
+    assert "deadline" in sender.error(handle) or "timed out" in sender.error(handle)
+
+
+def test_sender_killed_mid_transfer(transport: Harness) -> None:
+    if not transport.is_network:
+        pytest.skip("an in-process transport has no peer process to kill")
+    src, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    ids = list(range(8))
+    handle = receiver.reserve("peer-request", ids, num_tokens=8 * BLOCK_SIZE, deadline=time.time() + 60)
+    peer = PeerProcess(
+        "sender-half", "--backend", transport.name, "--device", str(transport.src_device), "--secret", "conformance-secret",
+        "--target", handle_to_kv_target(handle).SerializeToString().hex(), "--message-bytes", "2048",
+    )  # fmt: skip
+    try:
+        progress = peer.read_json()
+        assert 0 < progress["sent"] < progress["of"]
+        assert receiver.poll(handle) is TransferState.TRANSFERRING
+        peer.kill()
+        elapsed = wait_terminal(receiver.poll, handle, 20)
+    finally:
+        peer.kill()
+    assert receiver.poll(handle) is TransferState.FAILED
+    assert elapsed < 10, "a dead sender must fail the transfer long before its 60 s deadline"
+    assert not dst.cpu().any(), "half a piece must never reach the cache"
+    receiver.release(handle)
+    assert receiver.num_reservations == 0
+
+
+def test_receiver_killed_mid_transfer(transport: Harness) -> None:
+    if not transport.is_network:
+        pytest.skip("an in-process transport has no peer process to kill")
+    layout = {
+        "num_layers": LAYERS,
+        "num_blocks": NUM_BLOCKS,
+        "block_size": BLOCK_SIZE,
+        "num_kv_heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "dtype": "float32",
+    }
+    peer = PeerProcess(
+        "receiver", "--backend", transport.name, "--device", str(transport.dst_device), "--secret", "conformance-secret",
+        "--layout", json.dumps(layout), "--num-blocks", "6", "--deadline", "60",
+    )  # fmt: skip
+    src, _ = _caches(transport)
+    sender = transport.sender()
+    try:
+        handle = target_of(peer.read_json())
+        sender.send(handle, [0, 1, 2], src, dst_block_offset=0, last=False)
+        deadline = time.monotonic() + 30
+        while sender.poll(handle) is TransferState.BOOTSTRAPPING and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sender.poll(handle) is TransferState.TRANSFERRING, sender.error(handle)
+        peer.kill()
+        sender.send(handle, [3, 4, 5], src, dst_block_offset=3, last=True)
+        elapsed = wait_terminal(sender.poll, handle, 20)
+    finally:
+        peer.kill()
+    assert sender.poll(handle) is TransferState.FAILED
+    assert elapsed < 10, "a dead receiver must fail the transfer long before its 60 s deadline"
+
+
+def test_release_mid_transfer_stops_writes(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver, sender = transport.receiver(dst), transport.sender()
+    handle = receiver.reserve(
+        "req-release", [0, 1, 2, 3], num_tokens=4 * BLOCK_SIZE, deadline=time.time() + 30
+    )
+    receiver.release(handle)
+    sender.send(handle, [4, 5, 6, 7], src)
+    wait_terminal(sender.poll, handle, 30)
+    assert sender.poll(handle) is TransferState.FAILED
+    assert "unknown or released" in sender.error(handle)
+    assert not dst.cpu().any()
