@@ -38,6 +38,11 @@ class PrefillServiceStub:
                 request_serializer=baton_dot_v1_dot_common__pb2.HealthCheckRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_common__pb2.HealthCheckResponse.FromString,
                 _registered_method=True)
+        self.GetKVEvents = channel.unary_unary(
+                '/baton.v1.PrefillService/GetKVEvents',
+                request_serializer=baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_worker__pb2.KVEventsResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -69,6 +74,13 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKVEvents(self, request, context):
+        """Prefix-cache changes after a sequence number, oldest first (for the placement store).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +103,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.HealthCheck,
                     request_deserializer=baton_dot_v1_dot_common__pb2.HealthCheckRequest.FromString,
                     response_serializer=baton_dot_v1_dot_common__pb2.HealthCheckResponse.SerializeToString,
+            ),
+            'GetKVEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKVEvents,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.KVEventsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_worker__pb2.KVEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -211,6 +228,33 @@ class PrefillService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.PrefillService/GetKVEvents',
+            baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+            baton_dot_v1_dot_worker__pb2.KVEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -245,6 +289,11 @@ class DecodeServiceStub:
                 '/baton.v1.DecodeService/HealthCheck',
                 request_serializer=baton_dot_v1_dot_common__pb2.HealthCheckRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_common__pb2.HealthCheckResponse.FromString,
+                _registered_method=True)
+        self.GetKVEvents = channel.unary_unary(
+                '/baton.v1.DecodeService/GetKVEvents',
+                request_serializer=baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_worker__pb2.KVEventsResponse.FromString,
                 _registered_method=True)
 
 
@@ -283,6 +332,12 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKVEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -310,6 +365,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.HealthCheck,
                     request_deserializer=baton_dot_v1_dot_common__pb2.HealthCheckRequest.FromString,
                     response_serializer=baton_dot_v1_dot_common__pb2.HealthCheckResponse.SerializeToString,
+            ),
+            'GetKVEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKVEvents,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.KVEventsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_worker__pb2.KVEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +507,33 @@ class DecodeService:
             '/baton.v1.DecodeService/HealthCheck',
             baton_dot_v1_dot_common__pb2.HealthCheckRequest.SerializeToString,
             baton_dot_v1_dot_common__pb2.HealthCheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DecodeService/GetKVEvents',
+            baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+            baton_dot_v1_dot_worker__pb2.KVEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,9 +10,9 @@ them, so equal hashes mean equal KV. Never Python's ``hash()`` (salted per proce
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from array import array
 import sys
+from array import array
+from collections.abc import Sequence
 
 
 def root_hash(fingerprint: str) -> bytes:

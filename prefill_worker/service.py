@@ -1,0 +1,97 @@
+"""gRPC PrefillService: translates between ``baton.v1`` messages and ``PrefillWorker``.
+
+Domain exceptions become ``Error`` messages in one place (``_error``); nothing else here has policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from baton.convert import (
+    check_token_ids,
+    error,
+    health_response,
+    kv_events_response,
+    logprob_to_proto,
+    sampling_from_proto,
+    worker_info,
+)
+from baton.grpc_auth import SecretAuthInterceptor
+from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kv_transfer.wire import handle_from_kv_target
+from prefill_worker.scheduler import PrefillFailed
+from prefill_worker.worker import PrefillWorker
+
+log = logging.getLogger(__name__)
+
+
+def _error(e: Exception) -> common_pb2.Error:
+    if isinstance(e, PrefillFailed):
+        return error(getattr(common_pb2, f"ERROR_CODE_{e.code}"), str(e), e.retryable)
+    if isinstance(e, ValueError):
+        return error(common_pb2.ERROR_CODE_INVALID_ARGUMENT, str(e))
+    log.exception("prefill failed")
+    return error(common_pb2.ERROR_CODE_INTERNAL, f"{type(e).__name__}: {e}", retryable=True)
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, worker: PrefillWorker, address: str) -> None:
+        self.worker = worker
+        self.address = address
+
+    def Prefill(self, request, context):
+        w = self.worker
+        try:
+            if request.kv_target.model_fingerprint and request.kv_target.model_fingerprint != w.fingerprint:
+                raise PrefillFailed("FINGERPRINT_MISMATCH", "decode worker serves a different model/layout", retryable=False)
+            prompt = check_token_ids(request.prompt_token_ids, w.vocab_size, "prompt_token_ids")
+            sampling = sampling_from_proto(request.sampling, w.engine.max_model_len, w.vocab_size)
+            handle = handle_from_kv_target(request.kv_target, request.request_id)
+            deadline = request.deadline_ms / 1000 if request.deadline_ms else None
+            context.add_callback(lambda: None if context.is_active() else w.abort(request.request_id, "client went away"))
+            out = w.prefill(request.request_id, prompt, sampling, handle, deadline)
+        except Exception as e:
+            return worker_pb2.PrefillResponse(error=_error(e))
+        result = worker_pb2.PrefillResult(
+            first_token_id=out.first_token_id,
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            num_transferred_blocks=out.num_transferred_blocks,
+        )
+        first, top = logprob_to_proto(out.first_token_id, out.first_logprob)
+        if first is not None:
+            result.first_token_logprob.CopyFrom(first)
+            result.first_token_top_logprobs.CopyFrom(top)
+        return worker_pb2.PrefillResponse(result=result)
+
+    def Abort(self, request, context):
+        return worker_pb2.AbortResponse(found=self.worker.abort(request.request_id, request.reason or "aborted"))
+
+    def GetInfo(self, request, context):
+        return worker_info(self.worker, common_pb2.WORKER_ROLE_PREFILL, self.address, "")
+
+    def HealthCheck(self, request, context):
+        return health_response(self.worker)
+
+    def GetKVEvents(self, request, context):
+        return kv_events_response(self.worker, request.after_sequence)
+
+
+def serve(worker: PrefillWorker, host: str, port: int, secret: str, max_threads: int = 64) -> tuple[grpc.Server, str]:
+    """Start the gRPC server (authenticated; grpc.health.v1 open for probes). Returns (server, address)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads), interceptors=[SecretAuthInterceptor(secret)])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC on {host}:{port}")
+    address = f"{host}:{bound}"
+    worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(worker, address), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("baton.v1.PrefillService", health_pb2.HealthCheckResponse.SERVING)
+    server.start()
+    return server, address

@@ -1,0 +1,116 @@
+"""PrefillWorker: the plain class behind the gRPC service and the Ray actor (testable without either)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from engine.builder import load_engine
+from engine.config import CacheConfig, SchedulerConfig
+from engine.host import EngineHost
+from engine.sampling.params import SamplingParams
+from kv_transfer.base import KVLayout, KVSender, TransferHandle
+from prefill_worker.config import PrefillWorkerConfig
+from prefill_worker.scheduler import PrefillFailed, PrefillOutcome, PrefillTransfers
+
+
+def make_sender(transport: str, device, secret: str, worker_id: str, host: str, loopback_hub=None) -> KVSender:
+    if transport == "auto":
+        transport = "nccl" if str(device).startswith("cuda") else "gloo"
+    if transport == "gloo":
+        from kv_transfer.gloo import GlooKVSender
+
+        return GlooKVSender(secret=secret, sender_id=worker_id, host=host)
+    if transport == "nccl":
+        from kv_transfer.nccl import NcclKVSender
+
+        return NcclKVSender(device=device, secret=secret, sender_id=worker_id, host=host)
+    if transport == "loopback":
+        from kv_transfer.loopback import LoopbackSender
+
+        return LoopbackSender(loopback_hub, secret=secret)
+    raise ValueError(f"unknown KV transport {transport!r}; expected auto, gloo, nccl or loopback")
+
+
+class PrefillWorker:
+    role = "prefill"
+
+    def __init__(self, config: PrefillWorkerConfig, loopback_hub=None) -> None:
+        if not config.secret:
+            raise ValueError("a shared secret is required (BATON_SECRET): peers authenticate with it")
+        self.config = config
+        self.worker_id = config.worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
+        self.engine, self.source = load_engine(
+            config.model,
+            dtype=config.dtype,
+            device=config.device,
+            cache=CacheConfig(block_size=config.block_size, num_blocks=config.num_kv_blocks, cpu_kv_cache_bytes=config.kv_cache_bytes, gpu_memory_utilization=config.gpu_memory_utilization),
+            scheduler=SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens, long_prefill_token_threshold=config.prefill_chunk_tokens),
+            seed=config.seed,
+            max_model_len=config.max_model_len,
+        )
+        self.engine.hold_blocks_on_finish = True  # KV stays pinned until the decode side has it
+        self.kv_cache = self.engine.runner.kv_cache
+        self.layout = KVLayout.of(self.kv_cache)
+        self.sender = make_sender(config.transport, self.kv_cache.device, config.secret, self.worker_id, config.host, loopback_hub)
+        self.transfers = PrefillTransfers(self.engine, self.sender, self.kv_cache)
+        self.host = EngineHost(self.engine, name=self.worker_id)
+        self.host.after_step = self.transfers.after_step
+        self.draining = False
+        self.host.start()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.engine.fingerprint
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.model.vocab_size
+
+    def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, handle: TransferHandle, deadline: float | None = None) -> PrefillOutcome:
+        """Run the prompt, ship its KV into ``handle``'s blocks, return the first token. Blocks until
+        the decode side acknowledged every block, or raises ``PrefillFailed``."""
+        if self.draining:
+            raise PrefillFailed("UNAVAILABLE", "worker is draining", retryable=True)
+        if handle.layout != self.layout:
+            raise PrefillFailed("FINGERPRINT_MISMATCH", f"decode cache layout {handle.layout} != ours {self.layout}", retryable=False)
+        expected = -(-len(prompt_ids) // self.layout.block_size) - handle.first_block_index
+        if handle.num_tokens != len(prompt_ids) or len(handle.block_ids) != expected or handle.first_block_index < 0:
+            raise PrefillFailed("INVALID_ARGUMENT", f"kv_target holds {len(handle.block_ids)} blocks for {handle.num_tokens} tokens; the prompt needs {expected}", retryable=False)
+        deadline = min(deadline or float("inf"), handle.deadline, time.time() + self.config.default_deadline_s)
+        # Only the first token is sampled here; min_tokens still masks EOS on it.
+        first_only = dataclasses.replace(sampling, max_tokens=1, min_tokens=min(sampling.min_tokens, 1), stop=())
+
+        def admit():
+            req = self.engine.add_request(request_id, prompt_ids, first_only)
+            return self.transfers.add(req, handle, deadline)
+
+        try:
+            result = self.host.loop.call(admit)
+        except ValueError as e:
+            raise PrefillFailed("INVALID_ARGUMENT", str(e), retryable=False) from e
+        try:
+            return result.result(timeout=max(0.0, deadline - time.time()) + 5.0)
+        except TimeoutError:
+            self.abort(request_id, "deadline")
+            raise PrefillFailed("DEADLINE_EXCEEDED", "prefill did not finish before its deadline", retryable=True) from None
+
+    def abort(self, request_id: str, reason: str = "aborted") -> bool:
+        def cancel():
+            found = self.transfers.cancel(request_id, reason)
+            self.engine.abort(request_id)
+            return found
+
+        try:
+            return self.host.loop.call(cancel)
+        except RuntimeError:
+            return False
+
+    def healthy(self) -> bool:
+        return self.host.loop.alive
+
+    def close(self) -> None:
+        self.draining = True
+        self.host.stop()
+        self.sender.close()
