@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -75,7 +73,7 @@ class SamplingParams(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: int
         value: float
-        def __init__(self, key: int | None = ..., value: float | None = ...) -> None: ...
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -108,7 +106,7 @@ class SamplingParams(_message.Message):
     logprobs: bool
     top_logprobs: int
     n: int
-    def __init__(self, temperature: float | None = ..., top_p: float | None = ..., top_k: int | None = ..., min_p: float | None = ..., seed: int | None = ..., max_tokens: int | None = ..., min_tokens: int | None = ..., stop_token_ids: _Iterable[int] | None = ..., ignore_eos: bool | None = ..., presence_penalty: float | None = ..., frequency_penalty: float | None = ..., repetition_penalty: float | None = ..., logit_bias: _Mapping[int, float] | None = ..., logprobs: bool | None = ..., top_logprobs: int | None = ..., n: int | None = ...) -> None: ...
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -116,13 +114,13 @@ class TokenLogprob(_message.Message):
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     logprob: float
-    def __init__(self, token_id: int | None = ..., logprob: float | None = ...) -> None: ...
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class TopLogprobs(_message.Message):
     __slots__ = ("entries",)
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, entries: _Iterable[TokenLogprob | _Mapping] | None = ...) -> None: ...
+    def __init__(self, entries: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "logprobs", "top_logprobs", "finish_reason", "num_prompt_tokens", "num_cached_tokens", "index", "stop_token_id")
@@ -142,7 +140,7 @@ class TokenChunk(_message.Message):
     num_cached_tokens: int
     index: int
     stop_token_id: int
-    def __init__(self, token_ids: _Iterable[int] | None = ..., logprobs: _Iterable[TokenLogprob | _Mapping] | None = ..., top_logprobs: _Iterable[TopLogprobs | _Mapping] | None = ..., finish_reason: FinishReason | str | None = ..., num_prompt_tokens: int | None = ..., num_cached_tokens: int | None = ..., index: int | None = ..., stop_token_id: int | None = ...) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., index: _Optional[int] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "retryable")
@@ -152,7 +150,7 @@ class Error(_message.Message):
     code: ErrorCode
     message: str
     retryable: bool
-    def __init__(self, code: ErrorCode | str | None = ..., message: str | None = ..., retryable: bool | None = ...) -> None: ...
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
@@ -166,7 +164,7 @@ class KVLayout(_message.Message):
     num_kv_heads: int
     head_dim: int
     dtype: str
-    def __init__(self, num_layers: int | None = ..., block_size: int | None = ..., num_kv_heads: int | None = ..., head_dim: int | None = ..., dtype: str | None = ...) -> None: ...
+    def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("num_running", "num_waiting", "num_total_blocks", "num_free_blocks", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_finished_requests", "num_generated_tokens", "num_prompt_tokens")
@@ -192,7 +190,7 @@ class WorkerStats(_message.Message):
     num_finished_requests: int
     num_generated_tokens: int
     num_prompt_tokens: int
-    def __init__(self, num_running: int | None = ..., num_waiting: int | None = ..., num_total_blocks: int | None = ..., num_free_blocks: int | None = ..., kv_cache_usage: float | None = ..., prefix_cache_queries: int | None = ..., prefix_cache_hits: int | None = ..., num_preemptions: int | None = ..., num_finished_requests: int | None = ..., num_generated_tokens: int | None = ..., num_prompt_tokens: int | None = ...) -> None: ...
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "model_fingerprint", "block_size", "num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "model_name", "max_model_len", "kv_transfer_address", "kv_layout", "timestamp_ms", "stats")
@@ -226,7 +224,7 @@ class WorkerInfo(_message.Message):
     kv_layout: KVLayout
     timestamp_ms: int
     stats: WorkerStats
-    def __init__(self, worker_id: str | None = ..., role: WorkerRole | str | None = ..., address: str | None = ..., model_fingerprint: str | None = ..., block_size: int | None = ..., num_total_blocks: int | None = ..., num_free_blocks: int | None = ..., num_running: int | None = ..., num_waiting: int | None = ..., model_name: str | None = ..., max_model_len: int | None = ..., kv_transfer_address: str | None = ..., kv_layout: KVLayout | _Mapping | None = ..., timestamp_ms: int | None = ..., stats: WorkerStats | _Mapping | None = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., kv_transfer_address: _Optional[str] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ...) -> None: ...
 
 class KVEvent(_message.Message):
     __slots__ = ("worker_id", "stored_block_hashes", "parent_block_hash", "removed_block_hashes", "all_blocks_cleared", "sequence", "model_fingerprint", "timestamp_ms")
@@ -246,7 +244,7 @@ class KVEvent(_message.Message):
     sequence: int
     model_fingerprint: str
     timestamp_ms: int
-    def __init__(self, worker_id: str | None = ..., stored_block_hashes: _Iterable[bytes] | None = ..., parent_block_hash: bytes | None = ..., removed_block_hashes: _Iterable[bytes] | None = ..., all_blocks_cleared: bool | None = ..., sequence: int | None = ..., model_fingerprint: str | None = ..., timestamp_ms: int | None = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., stored_block_hashes: _Optional[_Iterable[bytes]] = ..., parent_block_hash: _Optional[bytes] = ..., removed_block_hashes: _Optional[_Iterable[bytes]] = ..., all_blocks_cleared: _Optional[bool] = ..., sequence: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -262,4 +260,4 @@ class HealthCheckResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     status: ServingStatus
     message: str
-    def __init__(self, status: ServingStatus | str | None = ..., message: str | None = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[ServingStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...

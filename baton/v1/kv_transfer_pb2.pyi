@@ -1,13 +1,10 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
+from baton.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-
-from baton.v1 import common_pb2 as _common_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -28,7 +25,7 @@ class Hello(_message.Message):
     protocol_version: int
     sender_id: str
     client_nonce: bytes
-    def __init__(self, protocol_version: int | None = ..., sender_id: str | None = ..., client_nonce: bytes | None = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., sender_id: _Optional[str] = ..., client_nonce: _Optional[bytes] = ...) -> None: ...
 
 class Challenge(_message.Message):
     __slots__ = ("protocol_version", "receiver_id", "server_nonce", "server_mac")
@@ -40,13 +37,13 @@ class Challenge(_message.Message):
     receiver_id: str
     server_nonce: bytes
     server_mac: bytes
-    def __init__(self, protocol_version: int | None = ..., receiver_id: str | None = ..., server_nonce: bytes | None = ..., server_mac: bytes | None = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., receiver_id: _Optional[str] = ..., server_nonce: _Optional[bytes] = ..., server_mac: _Optional[bytes] = ...) -> None: ...
 
 class AuthResponse(_message.Message):
     __slots__ = ("client_mac",)
     CLIENT_MAC_FIELD_NUMBER: _ClassVar[int]
     client_mac: bytes
-    def __init__(self, client_mac: bytes | None = ...) -> None: ...
+    def __init__(self, client_mac: _Optional[bytes] = ...) -> None: ...
 
 class AuthResult(_message.Message):
     __slots__ = ("ok", "error")
@@ -54,13 +51,13 @@ class AuthResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: _common_pb2.Error
-    def __init__(self, ok: bool | None = ..., error: _common_pb2.Error | _Mapping | None = ...) -> None: ...
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class PairSetupRequest(_message.Message):
     __slots__ = ("backend",)
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     backend: str
-    def __init__(self, backend: str | None = ...) -> None: ...
+    def __init__(self, backend: _Optional[str] = ...) -> None: ...
 
 class PairSetupResponse(_message.Message):
     __slots__ = ("store_address", "group_prefix", "sender_rank", "receiver_rank", "timeout_ms")
@@ -74,7 +71,7 @@ class PairSetupResponse(_message.Message):
     sender_rank: int
     receiver_rank: int
     timeout_ms: int
-    def __init__(self, store_address: str | None = ..., group_prefix: str | None = ..., sender_rank: int | None = ..., receiver_rank: int | None = ..., timeout_ms: int | None = ...) -> None: ...
+    def __init__(self, store_address: _Optional[str] = ..., group_prefix: _Optional[str] = ..., sender_rank: _Optional[int] = ..., receiver_rank: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class TransferHeader(_message.Message):
     __slots__ = ("request_id", "handle_id", "dst_block_offset", "block_ids", "num_layers", "dtype", "shape", "payload_bytes", "message_bytes", "num_messages", "checksum_algorithm", "checksum", "piece_index")
@@ -104,7 +101,7 @@ class TransferHeader(_message.Message):
     checksum_algorithm: ChecksumAlgorithm
     checksum: bytes
     piece_index: int
-    def __init__(self, request_id: str | None = ..., handle_id: str | None = ..., dst_block_offset: int | None = ..., block_ids: _Iterable[int] | None = ..., num_layers: int | None = ..., dtype: str | None = ..., shape: _Iterable[int] | None = ..., payload_bytes: int | None = ..., message_bytes: int | None = ..., num_messages: int | None = ..., checksum_algorithm: ChecksumAlgorithm | str | None = ..., checksum: bytes | None = ..., piece_index: int | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., handle_id: _Optional[str] = ..., dst_block_offset: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., message_bytes: _Optional[int] = ..., num_messages: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ..., checksum: _Optional[bytes] = ..., piece_index: _Optional[int] = ...) -> None: ...
 
 class TransferDone(_message.Message):
     __slots__ = ("request_id", "handle_id", "num_pieces")
@@ -114,7 +111,7 @@ class TransferDone(_message.Message):
     request_id: str
     handle_id: str
     num_pieces: int
-    def __init__(self, request_id: str | None = ..., handle_id: str | None = ..., num_pieces: int | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., handle_id: _Optional[str] = ..., num_pieces: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("handle_id", "piece_index")
@@ -122,7 +119,7 @@ class Ack(_message.Message):
     PIECE_INDEX_FIELD_NUMBER: _ClassVar[int]
     handle_id: str
     piece_index: int
-    def __init__(self, handle_id: str | None = ..., piece_index: int | None = ...) -> None: ...
+    def __init__(self, handle_id: _Optional[str] = ..., piece_index: _Optional[int] = ...) -> None: ...
 
 class Nack(_message.Message):
     __slots__ = ("handle_id", "piece_index", "error")
@@ -132,13 +129,13 @@ class Nack(_message.Message):
     handle_id: str
     piece_index: int
     error: _common_pb2.Error
-    def __init__(self, handle_id: str | None = ..., piece_index: int | None = ..., error: _common_pb2.Error | _Mapping | None = ...) -> None: ...
+    def __init__(self, handle_id: _Optional[str] = ..., piece_index: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason",)
     REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: str | None = ...) -> None: ...
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
     __slots__ = ("hello", "challenge", "auth_response", "auth_result", "pair_setup_request", "pair_setup_response", "transfer_header", "transfer_done", "ack", "nack", "goodbye")
@@ -164,4 +161,4 @@ class ControlMessage(_message.Message):
     ack: Ack
     nack: Nack
     goodbye: Goodbye
-    def __init__(self, hello: Hello | _Mapping | None = ..., challenge: Challenge | _Mapping | None = ..., auth_response: AuthResponse | _Mapping | None = ..., auth_result: AuthResult | _Mapping | None = ..., pair_setup_request: PairSetupRequest | _Mapping | None = ..., pair_setup_response: PairSetupResponse | _Mapping | None = ..., transfer_header: TransferHeader | _Mapping | None = ..., transfer_done: TransferDone | _Mapping | None = ..., ack: Ack | _Mapping | None = ..., nack: Nack | _Mapping | None = ..., goodbye: Goodbye | _Mapping | None = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., challenge: _Optional[_Union[Challenge, _Mapping]] = ..., auth_response: _Optional[_Union[AuthResponse, _Mapping]] = ..., auth_result: _Optional[_Union[AuthResult, _Mapping]] = ..., pair_setup_request: _Optional[_Union[PairSetupRequest, _Mapping]] = ..., pair_setup_response: _Optional[_Union[PairSetupResponse, _Mapping]] = ..., transfer_header: _Optional[_Union[TransferHeader, _Mapping]] = ..., transfer_done: _Optional[_Union[TransferDone, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., nack: _Optional[_Union[Nack, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...

@@ -1,12 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from baton.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-
-from baton.v1 import common_pb2 as _common_pb2
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -14,7 +11,7 @@ class TokenIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -22,13 +19,13 @@ class ChatMessage(_message.Message):
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: str | None = ..., content: str | None = ...) -> None: ...
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ChatInput(_message.Message):
     __slots__ = ("messages",)
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, messages: _Iterable[ChatMessage | _Mapping] | None = ...) -> None: ...
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "model", "text", "token_ids", "chat", "sampling", "stop", "include_stop_str_in_output", "keep_special_tokens")
@@ -50,7 +47,7 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     include_stop_str_in_output: bool
     keep_special_tokens: bool
-    def __init__(self, request_id: str | None = ..., model: str | None = ..., text: str | None = ..., token_ids: TokenIds | _Mapping | None = ..., chat: ChatInput | _Mapping | None = ..., sampling: _common_pb2.SamplingParams | _Mapping | None = ..., stop: _Iterable[str] | None = ..., include_stop_str_in_output: bool | None = ..., keep_special_tokens: bool | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ..., keep_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("index", "token_ids", "text", "logprobs", "top_logprobs")
@@ -64,7 +61,7 @@ class GenerateChunk(_message.Message):
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     top_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TopLogprobs]
-    def __init__(self, index: int | None = ..., token_ids: _Iterable[int] | None = ..., text: str | None = ..., logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ..., top_logprobs: _Iterable[_common_pb2.TopLogprobs | _Mapping] | None = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., top_logprobs: _Optional[_Iterable[_Union[_common_pb2.TopLogprobs, _Mapping]]] = ...) -> None: ...
 
 class GenerateComplete(_message.Message):
     __slots__ = ("index", "finish_reason", "stop_string", "stop_token_id", "num_prompt_tokens", "num_completion_tokens", "num_cached_tokens")
@@ -82,7 +79,7 @@ class GenerateComplete(_message.Message):
     num_prompt_tokens: int
     num_completion_tokens: int
     num_cached_tokens: int
-    def __init__(self, index: int | None = ..., finish_reason: _common_pb2.FinishReason | str | None = ..., stop_string: str | None = ..., stop_token_id: int | None = ..., num_prompt_tokens: int | None = ..., num_completion_tokens: int | None = ..., num_cached_tokens: int | None = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_completion_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "chunk", "complete", "error")
@@ -94,7 +91,7 @@ class GenerateResponse(_message.Message):
     chunk: GenerateChunk
     complete: GenerateComplete
     error: _common_pb2.Error
-    def __init__(self, request_id: str | None = ..., chunk: GenerateChunk | _Mapping | None = ..., complete: GenerateComplete | _Mapping | None = ..., error: _common_pb2.Error | _Mapping | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ..., complete: _Optional[_Union[GenerateComplete, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("model", "text", "chat", "skip_special_tokens")
@@ -106,7 +103,7 @@ class TokenizeRequest(_message.Message):
     text: str
     chat: ChatInput
     skip_special_tokens: bool
-    def __init__(self, model: str | None = ..., text: str | None = ..., chat: ChatInput | _Mapping | None = ..., skip_special_tokens: bool | None = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids", "count", "max_model_len")
@@ -116,7 +113,7 @@ class TokenizeResponse(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     count: int
     max_model_len: int
-    def __init__(self, token_ids: _Iterable[int] | None = ..., count: int | None = ..., max_model_len: int | None = ...) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -130,10 +127,10 @@ class ModelCard(_message.Message):
     id: str
     max_model_len: int
     owned_by: str
-    def __init__(self, id: str | None = ..., max_model_len: int | None = ..., owned_by: str | None = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., owned_by: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelCard]
-    def __init__(self, models: _Iterable[ModelCard | _Mapping] | None = ...) -> None: ...
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ...) -> None: ...

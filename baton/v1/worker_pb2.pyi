@@ -1,12 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from baton.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-
-from baton.v1 import common_pb2 as _common_pb2
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -30,13 +27,13 @@ class KVTarget(_message.Message):
     deadline_ms: int
     first_block_index: int
     model_fingerprint: str
-    def __init__(self, decode_worker_id: str | None = ..., transfer_address: str | None = ..., handle_id: str | None = ..., block_ids: _Iterable[int] | None = ..., num_tokens: int | None = ..., layout: _common_pb2.KVLayout | _Mapping | None = ..., deadline_ms: int | None = ..., first_block_index: int | None = ..., model_fingerprint: str | None = ...) -> None: ...
+    def __init__(self, decode_worker_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., handle_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., first_block_index: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ("after_sequence",)
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     after_sequence: int
-    def __init__(self, after_sequence: int | None = ...) -> None: ...
+    def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
 
 class KVEventsResponse(_message.Message):
     __slots__ = ("events", "oldest_sequence")
@@ -44,7 +41,7 @@ class KVEventsResponse(_message.Message):
     OLDEST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVEvent]
     oldest_sequence: int
-    def __init__(self, events: _Iterable[_common_pb2.KVEvent | _Mapping] | None = ..., oldest_sequence: int | None = ...) -> None: ...
+    def __init__(self, events: _Optional[_Iterable[_Union[_common_pb2.KVEvent, _Mapping]]] = ..., oldest_sequence: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target", "deadline_ms")
@@ -58,7 +55,7 @@ class PrefillRequest(_message.Message):
     sampling: _common_pb2.SamplingParams
     kv_target: KVTarget
     deadline_ms: int
-    def __init__(self, request_id: str | None = ..., prompt_token_ids: _Iterable[int] | None = ..., sampling: _common_pb2.SamplingParams | _Mapping | None = ..., kv_target: KVTarget | _Mapping | None = ..., deadline_ms: int | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_target: _Optional[_Union[KVTarget, _Mapping]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
     __slots__ = ("first_token_id", "first_token_logprob", "first_token_top_logprobs", "num_prompt_tokens", "num_cached_tokens", "num_transferred_blocks")
@@ -74,7 +71,7 @@ class PrefillResult(_message.Message):
     num_prompt_tokens: int
     num_cached_tokens: int
     num_transferred_blocks: int
-    def __init__(self, first_token_id: int | None = ..., first_token_logprob: _common_pb2.TokenLogprob | _Mapping | None = ..., first_token_top_logprobs: _common_pb2.TopLogprobs | _Mapping | None = ..., num_prompt_tokens: int | None = ..., num_cached_tokens: int | None = ..., num_transferred_blocks: int | None = ...) -> None: ...
+    def __init__(self, first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., first_token_top_logprobs: _Optional[_Union[_common_pb2.TopLogprobs, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_transferred_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("result", "error")
@@ -82,7 +79,7 @@ class PrefillResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     result: PrefillResult
     error: _common_pb2.Error
-    def __init__(self, result: PrefillResult | _Mapping | None = ..., error: _common_pb2.Error | _Mapping | None = ...) -> None: ...
+    def __init__(self, result: _Optional[_Union[PrefillResult, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "deadline_ms", "output_token_ids")
@@ -96,7 +93,7 @@ class ReserveRequest(_message.Message):
     sampling: _common_pb2.SamplingParams
     deadline_ms: int
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: str | None = ..., prompt_token_ids: _Iterable[int] | None = ..., sampling: _common_pb2.SamplingParams | _Mapping | None = ..., deadline_ms: int | None = ..., output_token_ids: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("handle", "error")
@@ -104,7 +101,7 @@ class ReserveResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     handle: KVTarget
     error: _common_pb2.Error
-    def __init__(self, handle: KVTarget | _Mapping | None = ..., error: _common_pb2.Error | _Mapping | None = ...) -> None: ...
+    def __init__(self, handle: _Optional[_Union[KVTarget, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_token_logprob", "first_token_top_logprobs", "local_prefill", "deadline_ms")
@@ -120,7 +117,7 @@ class DecodeRequest(_message.Message):
     first_token_top_logprobs: _common_pb2.TopLogprobs
     local_prefill: bool
     deadline_ms: int
-    def __init__(self, request_id: str | None = ..., first_token_id: int | None = ..., first_token_logprob: _common_pb2.TokenLogprob | _Mapping | None = ..., first_token_top_logprobs: _common_pb2.TopLogprobs | _Mapping | None = ..., local_prefill: bool | None = ..., deadline_ms: int | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., first_token_top_logprobs: _Optional[_Union[_common_pb2.TopLogprobs, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("chunk", "error")
@@ -128,7 +125,7 @@ class DecodeResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     chunk: _common_pb2.TokenChunk
     error: _common_pb2.Error
-    def __init__(self, chunk: _common_pb2.TokenChunk | _Mapping | None = ..., error: _common_pb2.Error | _Mapping | None = ...) -> None: ...
+    def __init__(self, chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "reason")
@@ -136,10 +133,10 @@ class AbortRequest(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reason: str
-    def __init__(self, request_id: str | None = ..., reason: str | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("found",)
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool
-    def __init__(self, found: bool | None = ...) -> None: ...
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
