@@ -14,5 +14,4 @@ python -m pip install -q -e '.[test]'
 
 ruff check .
 lint-imports
-python tools/gen_proto.py --check
 python -m pytest -q "$@"
