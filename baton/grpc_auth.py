@@ -49,3 +49,29 @@ class SecretAuthInterceptor(grpc.ServerInterceptor):
         if handler is not None and handler.response_streaming:
             return self._deny_stream
         return self._deny_unary
+
+
+class _AioAuthBase:
+    def __init__(self, secret: str) -> None:
+        self._md = auth_metadata(secret)
+
+    def _with_token(self, details):
+        md = grpc.aio.Metadata(*tuple(details.metadata or ()), *self._md)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, md, details.credentials, details.wait_for_ready)
+
+
+# grpc.aio files each interceptor under one call kind only, so each kind gets its own class.
+class _AioAuthUnary(_AioAuthBase, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _AioAuthStream(_AioAuthBase, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._with_token(client_call_details), request)
+
+
+def aio_channel(address: str, secret: str) -> grpc.aio.Channel:
+    """An asyncio channel whose calls carry the shared-secret token (none when ``secret`` is empty)."""
+    interceptors = [_AioAuthUnary(secret), _AioAuthStream(secret)] if secret else None
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
+from baton.grpc_auth import aio_channel
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router.backend import BackendError, BackendErrorKind, GenerateRequest, ModelInfo, Route, TokenEvent
 from router.placement.base import PlacementStore, WorkerRecord
@@ -46,6 +47,7 @@ class ClusterConfig:
     control_timeout_s: float = 2.0  # Abort
     refresh_interval_s: float = 1.0  # readiness snapshot from the store
     max_attempts: int = 3
+    secret: str = field(default="", repr=False)  # shared secret the workers authenticate us with
 
 
 _KIND_BY_ERROR = {
@@ -166,7 +168,7 @@ class ClusterBackend:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = aio_channel(address, self.config.secret)
         return channel
 
     # -- generation ---------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import grpc
 
-from baton.v1 import common_pb2, worker_pb2_grpc
+from baton.grpc_auth import aio_channel
+from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router.placement.base import PlacementStore, WorkerRole
 from router.wire import event_from_proto, record_from_proto
 
@@ -26,7 +27,12 @@ log = logging.getLogger(__name__)
 
 class WorkerRegistrar:
     def __init__(
-        self, store: PlacementStore, ttl_s: float = 10.0, poll_interval_s: float = 2.0, timeout_s: float = 2.0
+        self,
+        store: PlacementStore,
+        ttl_s: float = 10.0,
+        poll_interval_s: float = 2.0,
+        timeout_s: float = 2.0,
+        secret: str = "",
     ) -> None:
         if not 0 < poll_interval_s < ttl_s:
             raise ValueError("poll_interval_s must be positive and below ttl_s, or live workers would expire")
@@ -34,6 +40,12 @@ class WorkerRegistrar:
         self.ttl_s = ttl_s
         self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
+        self.secret = secret
+        self._event_seq: dict[str, int] = {}  # worker id -> last KV event sequence applied
+
+    def forget(self, worker_id: str) -> None:
+        """A worker restarted: its event sequence starts over."""
+        self._event_seq.pop(worker_id, None)
 
     async def register(self, info: common_pb2.WorkerInfo) -> None:
         """A worker (re)started: fresh entry, empty prefix index."""
@@ -58,7 +70,7 @@ class WorkerRegistrar:
             await asyncio.sleep(self.poll_interval_s)
 
     async def _poll_one(self, address: str, role: WorkerRole) -> bool:
-        channel = grpc.aio.insecure_channel(address)
+        channel = aio_channel(address, self.secret)
         try:
             stub_cls = (
                 worker_pb2_grpc.DecodeServiceStub
@@ -75,10 +87,22 @@ class WorkerRegistrar:
                     record.address,
                 )
                 return False
-            await self.store.heartbeat(record, self.ttl_s)
+            if not await self.store.heartbeat(record, self.ttl_s):
+                # New (or expired and back): a fresh entry with an empty prefix index.
+                await self.store.register(record, self.ttl_s)
+                self._event_seq.pop(record.worker_id, None)
+            await self._pull_events(stub_cls(channel), record.worker_id)
             return True
         except (grpc.aio.AioRpcError, ValueError) as err:
             log.warning("GetInfo on %s failed: %s", address, err)
             return False
         finally:
             await channel.close()
+
+    async def _pull_events(self, stub, worker_id: str) -> None:
+        """Apply the worker's prefix-cache events we have not seen (in order; the store handles gaps)."""
+        after = self._event_seq.get(worker_id, 0)
+        response = await stub.GetKVEvents(worker_pb2.KVEventsRequest(after_sequence=after), timeout=self.timeout_s)
+        for event in response.events:
+            await self.store.apply_kv_event(event_from_proto(event))
+            self._event_seq[worker_id] = event.sequence
