@@ -67,7 +67,10 @@ def add_admin_routes(app: FastAPI, controller, secret: str) -> None:
     async def status(request: Request):
         if not authorized(request):
             return _error(401, "admin endpoints need the cluster token (Authorization: Bearer ...)")
-        rows = await asyncio.gather(*(worker_status(addr, role, secret) for addr, role in controller.targets()))
+        members = [m for m in list(controller.members.values()) if m.info and not m.draining]
+        rows = await asyncio.gather(*(worker_status(m.info["address"], m.spec.role, secret) for m in members))
+        for row, m in zip(rows, members, strict=True):
+            row.update(pid=m.info["pid"], incarnation=m.info["incarnation"], worker_id=m.spec.worker_id)
         return {"workers": sorted(rows, key=lambda r: (r["role"], r.get("worker_id", ""))), "counts": controller.counts()}
 
     @app.post("/admin/scale", include_in_schema=False)

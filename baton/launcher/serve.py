@@ -105,7 +105,11 @@ async def serve(opts: ServeOptions) -> int:
     try:
         await asyncio.to_thread(controller.start, s.num_prefill, s.num_decode, 900.0, _say)
         first = next(m.info for m in controller.members.values() if m.info)
-        tokenizer = Tokenizer.from_dir(first["tokenizer_dir"] or source.tokenizer_dir)
+        tokenizer_dir = first["tokenizer_dir"] or source.tokenizer_dir
+        if not tokenizer_dir:  # dummy weights: drive them with the default model's tokenizer
+            tokenizer_dir = resolve_model(None).tokenizer_dir
+            _say("no tokenizer with dummy weights: using the default model's tokenizer")
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
         backend = ClusterBackend(
             ClusterConfig(first["fingerprint"], first["block_size"], first["max_model_len"], vocab_size=first["vocab_size"], secret=secret),
             store,
