@@ -115,6 +115,24 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from baton.launcher.standalone import run_worker
+    from baton.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = Settings.from_env().override(model=args.model, host=args.host, worker_grpc_port=args.port, redis_url=args.redis_url)
+    return asyncio.run(run_worker(s, args.role))
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from baton.launcher.standalone import run_router
+    from baton.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = Settings.from_env().override(model=args.model, host=args.host, http_port=args.port, redis_url=args.redis_url)
+    return asyncio.run(run_router(s, args.model_fingerprint))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the whole cluster on this machine (Ray + workers + router)")
     _add_cluster_flags(p)
@@ -129,6 +147,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("worker", help="run one prefill or decode worker (container deployments)")
+    p.add_argument("--role", required=True, choices=["prefill", "decode"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None, help="worker gRPC port (BATON_WORKER_GRPC_PORT)")
+    p.add_argument("--redis-url", default=None, help="placement store to register in")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("router", help="run one router replica over a Redis placement store")
+    p.add_argument("--model", default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None, help="HTTP port")
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--model-fingerprint", default=None, help="default: adopt the first decode worker's")
+    p.set_defaults(func=cmd_router)
 
     p = sub.add_parser("scale", help="set the number of prefill or decode workers (drains before removal)")
     p.add_argument("role", choices=["prefill", "decode"])

@@ -75,11 +75,14 @@ async def serve(opts: ServeOptions) -> int:
 
     s = opts.settings
     secret = s.resolved_secret() or secrets.token_hex(24)  # internal peers authenticate with it
-    source = resolve_model(s.model)  # downloads the default model once, with a progress bar
+    from baton.launcher.standalone import model_spec
+
+    spec_name = model_spec(s)
+    source = resolve_model(spec_name)  # downloads the default model once, with a progress bar
     gpus = s.gpus_per_worker if s.gpus_per_worker is not None else (1.0 if torch.cuda.is_available() else 0.0)
     _start_ray(s, opts, s.num_prefill + s.num_decode)
     base = WorkerSpec(
-        role="decode", worker_id="", model=s.model, secret=secret, dtype=s.dtype, host=s.host,
+        role="decode", worker_id="", model=spec_name, secret=secret, dtype=s.dtype, host=s.host,
         block_size=s.block_size, max_model_len=s.max_model_len or 4096, max_num_seqs=s.max_num_seqs or 64,
         max_num_batched_tokens=s.max_num_batched_tokens, num_kv_blocks=opts.num_kv_blocks,
         gpu_memory_utilization=s.gpu_memory_utilization, transport=s.kv_transport,
