@@ -52,27 +52,26 @@ class TorchAttention:
         v = kv_layer[1][block_ids].flatten(-4, -3)[..., :length, :, :]
         return k, v
 
-    def _decode(
-        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, seqs: list[int]
-    ) -> torch.Tensor:
-        # q: [B, Hq, D] -> padded keys [B, Lmax, Hkv, D] with a length mask.
-        block_size = kv_layer.shape[2]
-        lens = [meta.seq_lens_cpu[b] for b in seqs]
+    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, seqs: list[int]) -> torch.Tensor:
+        # One query per sequence: explicit batched matmuls (cheaper than SDPA's kernel at these sizes).
+        # q: [B, Hq, D]; keys of all sequences gathered in one index, padded to the longest: [B, L, Hkv, D].
+        _, _, block_size, hkv, d = kv_layer.shape
+        b, hq = q.shape[0], q.shape[1]
+        lens = [meta.seq_lens_cpu[i] for i in seqs]
         max_len = max(lens)
         nb = -(-max_len // block_size)
-        idx = torch.tensor(seqs, device=q.device)
-        k, v = self._gather(kv_layer, meta.block_tables[idx, :nb].long(), max_len)
-        lens_t = torch.tensor(lens, device=q.device)
-        mask = torch.arange(max_len, device=q.device)[None, :] < lens_t[:, None]  # [B, Lmax]
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, Hq, 1, D]
-            k.transpose(1, 2).to(q.dtype),  # [B, Hkv, Lmax, D]
-            v.transpose(1, 2).to(q.dtype),
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-            enable_gqa=True,
-        )
-        return o.squeeze(2)
+        rows = meta.block_tables[seqs, :nb] if len(seqs) != meta.num_seqs else meta.block_tables[:, :nb]
+        kv = kv_layer[:, rows.long()].flatten(2, 3)[:, :, :max_len]  # [2, B, L, Hkv, D]
+        k = kv[0].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+        v = kv[1].transpose(1, 2)  # [B, Hkv, L, D]
+        qg = q.view(b, hkv, hq // hkv, d)  # query heads grouped by their KV head (GQA)
+        scores = torch.matmul(qg, k.to(q.dtype)).float() * scale  # [B, Hkv, G, L]
+        if min(lens) != max_len:
+            lens_t = torch.tensor(lens, device=q.device)
+            pad = torch.arange(max_len, device=q.device)[None, :] >= lens_t[:, None]  # [B, L]
+            scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v.to(q.dtype)).reshape(b, hq, d)
 
     def _prefill_one(
         self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, b: int
