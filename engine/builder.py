@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from engine.attention.base import get_attention_backend
+from engine.attention.base import AttentionMetadata, get_attention_backend
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, model_fingerprint
 from engine.engine import LLMEngine
 from engine.kv_cache.manager import KVCacheManager
@@ -59,17 +59,33 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
-def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str) -> int:
-    """Blocks that fit: a byte budget on CPU, a share of free memory (after weights) on GPU."""
+def plan_num_blocks(
+    cfg: ModelConfig,
+    cache: CacheConfig,
+    dtype: torch.dtype,
+    device: str,
+    *,
+    model: LlamaForCausalLM | None = None,
+    scheduler: SchedulerConfig | None = None,
+    attention_backend: str = "auto",
+) -> int:
+    """Blocks that fit: a byte budget on CPU; on GPU, ``gpu_memory_utilization`` of the card's
+    memory minus what is in use (weights, other processes) minus the activation peak of the
+    largest step, measured by running one (``profile_step_peak``) when the model is given."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     per_block = kv_bytes_per_block(cfg, cache.block_size, dtype)
     if torch.device(device).type == "cuda":
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        used = total - free
-        budget = int(total * cache.gpu_memory_utilization) - used
-        # Leave room for activations of the largest step (measured by the GPU path's profile run).
-        budget -= 1 << 30
+        dev = torch.device(device)
+        if model is not None:
+            reserve = profile_step_peak(
+                model, cfg, scheduler or SchedulerConfig(), cache.block_size, attention_backend
+            )
+        else:
+            reserve = 1 << 30  # no model to profile: a fixed allowance for activations
+        torch.cuda.empty_cache()  # memory cached by the allocator is free for the KV cache
+        free, total = torch.cuda.mem_get_info(dev)
+        budget = int(total * cache.gpu_memory_utilization) - (total - free) - reserve
     else:
         budget = cache.cpu_kv_cache_bytes
     if budget < per_block:
@@ -77,6 +93,74 @@ def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, de
             f"no memory left for the KV cache (budget {budget} B, one block needs {per_block} B)"
         )
     return budget // per_block
+
+
+@torch.inference_mode()
+def profile_step_peak(
+    model: LlamaForCausalLM,
+    cfg: ModelConfig,
+    scheduler: SchedulerConfig,
+    block_size: int,
+    attention_backend: str,
+) -> int:
+    """Bytes of activation memory a step may need beyond the weights, measured on the device.
+
+    Runs the two extreme steps on a scratch KV cache: ``max_num_batched_tokens`` tokens spread over
+    ``max_num_seqs`` sequences, every one sampled (largest hidden states and logits), and a decode
+    step of ``max_num_seqs`` sequences (what a CUDA graph keeps in its own memory pool). Returns the
+    sum of the two peaks: the eager allocator cache and the graph pool do not share memory.
+    """
+    device = model.embed_tokens.weight.device
+    attn = get_attention_backend(attention_backend, device)
+    num_seqs = max(1, min(scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
+    tokens = max(scheduler.max_num_batched_tokens, num_seqs)
+    lens = [tokens // num_seqs + (1 if i < tokens % num_seqs else 0) for i in range(num_seqs)]
+    prefill_peak = _step_peak(model, cfg, block_size, attn, lens)
+    decode_peak = _step_peak(model, cfg, block_size, attn, [1] * num_seqs)
+    return prefill_peak + decode_peak
+
+
+def _step_peak(model, cfg: ModelConfig, block_size: int, attn, query_lens: list[int]) -> int:
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    blocks = [-(-n // block_size) for n in query_lens]
+    width = max(blocks)
+    kv = torch.zeros(
+        cfg.num_layers, 2, sum(blocks), block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device
+    )
+    table = torch.zeros(len(query_lens), width, dtype=torch.int32)
+    first = 0
+    slots = []
+    for i, (n, nb) in enumerate(zip(query_lens, blocks, strict=True)):
+        table[i, :nb] = torch.arange(first, first + nb)
+        slots.append(torch.arange(n) + first * block_size)
+        first += nb
+    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    starts[1:] = torch.tensor(query_lens).cumsum(0)
+    meta = AttentionMetadata(
+        query_start_loc=starts.to(device),
+        seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
+        block_tables=table.to(device),
+        slot_mapping=torch.cat(slots).to(device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(query_lens),
+        query_lens_cpu=tuple(query_lens),
+        seq_lens_cpu=tuple(query_lens),
+    )
+    total = int(starts[-1])
+    ids = torch.zeros(total, dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n) for n in query_lens]).to(device)
+    rows = (starts[1:] - 1).long().to(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    hidden = model(ids, positions, kv, meta, attn)
+    logits = model.compute_logits(hidden[rows])
+    torch.log_softmax(logits, dim=-1)  # the sampler's widest temporaries (logprobs, top-k/p)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del hidden, logits, kv
+    return peak
 
 
 def build_engine(
@@ -91,6 +175,7 @@ def build_engine(
     weights_id: str = "",
     seed: int = 0,
     max_model_len: int | None = None,
+    quantization: str | None = None,
 ) -> LLMEngine:
     cfg = ModelConfig.from_hf_dict(hf_config)
     dt = parse_dtype(dtype, device)
@@ -100,7 +185,15 @@ def build_engine(
     limit = min(limit, cfg.max_position_embeddings, cfg.sliding_window or limit)
     scheduler = replace(scheduler, max_model_len=limit)
     model = build_model(cfg, tensors, dt, device, max_positions=limit)
-    num_blocks = plan_num_blocks(cfg, cache, dt, device)
+    if quantization == "int8":
+        from engine.quantization import quantize_int8_weight_only
+
+        quantize_int8_weight_only(model)
+    elif quantization not in (None, "none"):
+        raise ValueError(f"unknown quantization {quantization!r}; expected none or int8")
+    num_blocks = plan_num_blocks(
+        cfg, cache, dt, device, model=model, scheduler=scheduler, attention_backend=attention_backend
+    )
     config = EngineConfig(
         cfg, replace(cache, num_blocks=num_blocks), scheduler, dt, device, attention_backend, seed
     )
@@ -134,6 +227,7 @@ def load_engine(
     attention_backend: str = "auto",
     seed: int = 0,
     max_model_len: int | None = None,
+    quantization: str | None = None,
 ):
     """Resolve a model spec, load its weights and build the engine. Returns (engine, source)."""
     from engine.model_source import resolve_model
@@ -146,7 +240,8 @@ def load_engine(
     weights_id = source.weights_id + (f":seed={seed}" if source.kind == "dummy" else "")
     engine = build_engine(
         weights.hf_config, weights.tensors, dtype=dt, device=device, cache=cache, scheduler=scheduler,
-        attention_backend=attention_backend, weights_id=weights_id, seed=seed, max_model_len=max_model_len,
+        attention_backend=attention_backend, weights_id=weights_id + (f":{quantization}" if quantization else ""), seed=seed,
+        max_model_len=max_model_len, quantization=quantization,
     )
     if source.tokenizer_dir:
         from baton.text import Tokenizer

@@ -81,6 +81,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         attention_backend: str = "auto",
         seed: int = 0,
+        quantization: str | None = None,
     ) -> None:
         self.engine, self.source = load_engine(
             model,
@@ -91,6 +92,7 @@ class LLM:
             attention_backend=attention_backend,
             seed=seed,
             max_model_len=max_model_len,
+            quantization=quantization,
         )
         self.tokenizer = Tokenizer.from_dir(self.source.tokenizer_dir) if self.source.tokenizer_dir else None
         self._ids = itertools.count()
