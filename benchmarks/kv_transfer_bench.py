@@ -4,18 +4,32 @@
 
 Moves the KV of a 2k-token prompt of a Llama-3.1-8B-shaped model (32 layers, 8 KV heads, head dim 128,
 bf16, block size 16 -> 128 blocks, 256 MiB) from cuda:0 (sender, rank 0) to cuda:1 (receiver, rank 1).
-Two processes, one per GPU. Raw NCCL: back-to-back ``send``/``recv`` of N bytes on a standalone
-2-rank ProcessGroupNCCL. Ours: ``NcclKVSender.send`` -> ``poll`` until SUCCESS, which covers the
-gather of the blocks, the control round trips, the bytes, the scatter on the receiver and its acks.
-Prints a table; writes every number as JSON.
+Two processes, one per GPU.
+
+- Raw NCCL: back-to-back ``send``/``recv`` of N contiguous bytes on a standalone 2-rank ProcessGroupNCCL
+  (the same group options as the transport), timed on the sender from the call to the end of a sync.
+- Ours: ``NcclKVSender.send`` of blocks gathered from the sender's paged cache into blocks reserved in
+  the receiver's paged cache. Two times per transfer, both from the moment ``send`` is called:
+  *receiver* = until the receiver's ``poll`` says SUCCESS (every block in its cache: the time a decode
+  worker waits), *sender* = until the sender's ``poll`` says SUCCESS (the receiver's answer came back).
+  Block ids are either one contiguous run ("contiguous") or a random set ("scattered").
+- Copy ceilings on the sender's GPU: a plain device copy and the gathers, for context.
+
+SUCCESS is seen through the transports' blocking ``wait`` (woken when the state changes), and for one
+group through ``poll`` every 50 us, as a worker loop would; the timer slack of both roles' threads is
+lowered to 1 us (Linux) so sleeps and timeouts last what they ask. A few more transfers are traced
+(wall-clock stamps inside the transport) to show where the time goes. Prints a table last; writes
+every number as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -26,18 +40,135 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 MiB = 1 << 20
 SECRET = "kv-transfer-bench"
+PATTERNS = ("contiguous", "scattered")
+TRACED = 5  # traced transfers after the timed ones (default message size, contiguous)
+POLL_S = 50e-6  # the polled run's interval
 
 
 def _emit(payload: dict) -> None:
     print(json.dumps(payload), flush=True)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _low_timer_slack() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, ns
+    except (OSError, AttributeError):
+        pass
 
 
 def _cache_shape(args, num_blocks: int) -> tuple[int, ...]:
     return (args.num_layers, 2, num_blocks, args.block_size, args.num_kv_heads, args.head_dim)
+
+
+def _plan(args) -> list[dict]:
+    """Every group of transfers, in order; both roles derive the same plan from the arguments."""
+    from kv_transfer.dist_sender import DEFAULT_MAX_MESSAGE_BYTES
+
+    per_config, default_mib = args.warmup + args.iters, DEFAULT_MAX_MESSAGE_BYTES // MiB
+    plan = [
+        {"name": f"{mib}-{pattern}", "mib": mib, "pattern": pattern, "how": "wait", "count": per_config}
+        for mib in args.message_mib
+        for pattern in PATTERNS
+    ]
+    plan.append(
+        {"name": "polled", "mib": default_mib, "pattern": "contiguous", "how": "poll", "count": per_config}
+    )
+    plan.append(
+        {"name": "trace", "mib": default_mib, "pattern": "contiguous", "how": "wait", "count": TRACED}
+    )
+    return plan
+
+
+def _until_terminal(side, handle, how: str) -> None:
+    """Block in ``wait``, or poll every ``POLL_S`` (a worker loop that checks its transfers)."""
+    if how == "wait":
+        side.wait(handle, timeout=60)
+        return
+    deadline = time.monotonic() + 60
+    while not side.poll(handle).is_terminal and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(args, index: int):
+    import torch
+
+    if args.backend == "gloo":  # a CPU rehearsal of the whole script
+        return torch.device("cpu")
+    device = torch.device(f"cuda:{index}")
+    torch.cuda.set_device(device)
+    return device
+
+
+def block_fingerprint(kv_cache, block_ids) -> int:
+    """Exact, order-sensitive digest of ``kv_cache[:, :, block_ids]``: position-weighted integer sums."""
+    import torch
+
+    blocks = kv_cache[:, :, list(block_ids)]
+    words = blocks.view(torch.int16) if blocks.element_size() == 2 else blocks.view(torch.int32)
+    per_block = words.sum(dim=(0, 1, 3, 4, 5), dtype=torch.int64)
+    weights = torch.arange(1, len(block_ids) + 1, dtype=torch.int64, device=per_block.device)
+    return int((per_block * weights).sum())
+
+
+class Tracer:
+    """Wall-clock stamps of a few transfers at points inside the transport (methods wrapped in place).
+
+    Only handles in ``handle_ids`` are stamped, so the timed transfers run unwrapped code paths but
+    for one set lookup per call.
+    """
+
+    def __init__(self, handle_ids: set[str]) -> None:
+        self.handle_ids = handle_ids
+        self.events: list[tuple[str, str, float]] = []
+
+    def mark(self, handle_id: str, label: str) -> None:
+        if handle_id in self.handle_ids:
+            self.events.append((handle_id, label, time.time()))
+
+    def wrap(self, owner, name: str, key, before: str | None, after) -> None:
+        """Stamp ``before`` on entry and ``after`` (a label, or a function of the arguments) on exit."""
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            handle_id = key(*args)
+            if before:
+                self.mark(handle_id, before)
+            result = original(*args, **kwargs)
+            if after:
+                self.mark(handle_id, after if isinstance(after, str) else after(*args))
+            return result
+
+        setattr(owner, name, wrapped)
+
+    def install_sender(self) -> None:
+        from kv_transfer.dist_sender import DistKVSender
+        from kv_transfer.sender_link import SenderConnection
+
+        job_key = lambda _, job, *a: job.outgoing.handle.handle_id  # noqa: E731
+        self.wrap(DistKVSender, "gather_and_post", job_key, "posting", "all posted")
+        self.wrap(SenderConnection, "send_header", lambda _, h, *a: h.handle_id, None, "header out")
+        self.wrap(DistKVSender, "settle", lambda _, o, *a: o.handle.handle_id, "sender settles", None)
+
+    def install_receiver(self) -> None:
+        from kv_transfer.dist_receiver import _Connection
+        from kv_transfer.reservations import ReservationTable
+
+        ticket_key = lambda _, t, *a: t.handle_id  # noqa: E731
+        self.wrap(_Connection, "_receive_piece", lambda _, h: h.handle_id, "header in", None)
+        self.wrap(_Connection, "_post_receives", lambda _, s, h: h.handle_id, None, "receives posted")
+        self.wrap(ReservationTable, "accept_header", lambda _, h, *a: h.handle_id, None, "header ok")
+        self.wrap(
+            ReservationTable, "land_layers", ticket_key, None, lambda _, t, lo, hi: f"layers {hi} issued"
+        )
+        self.wrap(ReservationTable, "complete_piece", ticket_key, None, "piece landed")
+        self.wrap(ReservationTable, "finish", lambda _, d, *a: d.handle_id, None, "receiver SUCCESS")
 
 
 # ----------------------------------------------------------------------------------------- raw NCCL
@@ -74,23 +205,6 @@ def raw_nccl(args, rank: int, device) -> list[dict]:
     return results
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device(args, index: int):
-    import torch
-
-    if args.backend == "gloo":  # a CPU rehearsal of the whole script
-        return torch.device("cpu")
-    device = torch.device(f"cuda:{index}")
-    torch.cuda.set_device(device)
-    return device
-
-
 # ------------------------------------------------------------------------------------ our transport
 
 
@@ -102,100 +216,259 @@ def run_receiver(args) -> None:
 
     device = _device(args, 1)
     raw = raw_nccl(args, 1, device)
-    kv_cache = torch.zeros(_cache_shape(args, 2 * args.num_blocks), dtype=torch.bfloat16, device=device)
+    plan = _plan(args)
+    # Blocks [0, shared) serve every transfer but the last of each group, which gets blocks of its own,
+    # so its data can still be checked after the later groups ran.
+    shared = 2 * args.num_blocks + 16
+    total_blocks = shared + len(plan) * args.num_blocks
+    kv_cache = torch.zeros(_cache_shape(args, total_blocks), dtype=torch.bfloat16, device=device)
     receiver = DistKVReceiver(kv_cache, backend=args.backend, secret=SECRET, group_timeout=120)
-    handles = []
-    for config in range(len(args.message_mib)):
-        for i in range(args.warmup + args.iters):
-            dst = range(args.num_blocks) if i % 2 == 0 else range(args.num_blocks, 2 * args.num_blocks)
-            handles.append(
-                receiver.reserve(
-                    f"bench-{config}-{i}", list(dst), args.num_blocks * args.block_size, time.time() + 600
-                )
-            )
+    rng = random.Random(1)
+    handles, hows, checked = [], [], []
+    num_tokens = args.num_blocks * args.block_size
+    for index, config in enumerate(plan):
+        for i in range(config["count"]):
+            if i == config["count"] - 1:
+                dst = list(range(shared + index * args.num_blocks, shared + (index + 1) * args.num_blocks))
+                if config["pattern"] == "scattered":
+                    rng.shuffle(dst)
+            elif config["pattern"] == "contiguous":
+                first = 0 if i % 2 == 0 else args.num_blocks
+                dst = list(range(first, first + args.num_blocks))
+            else:
+                dst = rng.sample(range(shared), args.num_blocks)
+            name = f"bench-{config['name']}-{i}"
+            handles.append(receiver.reserve(name, dst, num_tokens, time.time() + 600))
+            hows.append(config["how"])
+        checked.append(handles[-1])
+    tracer = Tracer({h.handle_id for h in handles[-TRACED:]})
+    tracer.install_receiver()
     _emit({"targets": [handle_to_kv_target(h).SerializeToString().hex() for h in handles]})
-    deadline = time.time() + 300
-    while time.time() < deadline and not all(receiver.poll(h).is_terminal for h in handles):
-        time.sleep(0.01)
+    success_at = []
+    for handle, how in zip(handles, hows, strict=True):
+        _until_terminal(receiver, handle, how)
+        success_at.append(time.time())
     states = [receiver.poll(h).value for h in handles]
-    last = handles[-1]
-    checksum = float(kv_cache[:, :, list(last.block_ids)].double().sum())
+    fingerprints = [block_fingerprint(kv_cache, handle.block_ids) for handle in checked]
     _emit(
-        {"raw": raw, "receiver_states": {s: states.count(s) for s in set(states)}, "last_checksum": checksum}
+        {
+            "raw": raw,
+            "receiver_states": {s: states.count(s) for s in set(states)},
+            "success_at": success_at,
+            "fingerprints": fingerprints,
+            "trace": tracer.events,
+        }
     )
     receiver.close()
+
+
+def _copy_ceilings(args, kv_cache, src_by_pattern: dict, device) -> dict:
+    import torch
+
+    from kv_transfer.base import gather_blocks
+    from kv_transfer.blocks import BlockMover
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - start) / args.iters
+
+    piece = torch.empty(_cache_shape(args, args.num_blocks), dtype=kv_cache.dtype, device=device)
+    other = torch.empty_like(piece)
+    out = {"plain_copy_s": timed(lambda: other.copy_(piece))}
+    for pattern, src in src_by_pattern.items():
+        mover = BlockMover(src, device)
+        out[f"gather_{pattern}_s"] = timed(lambda m=mover: m.gather(kv_cache, piece, 0, args.num_layers))
+        out[f"index_select_{pattern}_s"] = timed(lambda s=src: gather_blocks(kv_cache, s))
+    out["bytes"] = piece.numel() * piece.element_size()
+    return out
 
 
 def run_sender(args) -> None:
     import torch
 
     from baton.v1 import worker_pb2
-    from kv_transfer.base import TransferState, gather_blocks
+    from kv_transfer.base import TransferState
     from kv_transfer.dist_sender import DistKVSender
     from kv_transfer.wire import handle_from_kv_target
 
     device = _device(args, 0)
     raw = raw_nccl(args, 0, device)
+    total_blocks = args.num_blocks + 64
     generator = torch.Generator(device=device).manual_seed(0)
-    kv_cache = torch.randn(_cache_shape(args, args.num_blocks + 64), generator=generator, device=device).to(
+    kv_cache = torch.randn(_cache_shape(args, total_blocks), generator=generator, device=device).to(
         torch.bfloat16
     )
-    src_ids = list(range(64, 64 + args.num_blocks))  # not the receiver's ids: a real gather/scatter
+    rng = random.Random(2)
+    src_by_pattern = {
+        "contiguous": list(range(64, 64 + args.num_blocks)),  # not the receiver's ids: a real gather/scatter
+        "scattered": rng.sample(range(total_blocks), args.num_blocks),
+    }
     targets = json.loads(sys.stdin.readline())["targets"]
-    per_config = args.warmup + args.iters
-    # The request id travels beside the KVTarget (in PrefillRequest); here it follows the receiver's naming.
+    plan = _plan(args)
+    request_ids = [f"bench-{c['name']}-{i}" for c in plan for i in range(c["count"])]
     handles = [
-        handle_from_kv_target(
-            worker_pb2.KVTarget.FromString(bytes.fromhex(t)), f"bench-{i // per_config}-{i % per_config}"
-        )
-        for i, t in enumerate(targets)
+        handle_from_kv_target(worker_pb2.KVTarget.FromString(bytes.fromhex(t)), rid)
+        for t, rid in zip(targets, request_ids, strict=True)
     ]
-    results = []
-    for config, message_mib in enumerate(args.message_mib):
-        sender = DistKVSender(
-            backend=args.backend,
-            device=device,
-            secret=SECRET,
-            max_message_bytes=message_mib * MiB,
-            group_timeout=120,
-        )
-        times = []
-        for i in range(per_config):
-            handle = handles[config * per_config + i]
+    tracer = Tracer({h.handle_id for h in handles[-TRACED:]})
+    tracer.install_sender()
+    senders: dict[int, DistKVSender] = {}  # one per message size, each with its own link
+    results, started, cursor = [], [], 0
+    for config in plan:
+        sender = senders.get(config["mib"])
+        if sender is None:
+            sender = senders[config["mib"]] = DistKVSender(
+                backend=args.backend,
+                device=device,
+                secret=SECRET,
+                max_message_bytes=config["mib"] * MiB,
+                group_timeout=120,
+            )
+        src, times = src_by_pattern[config["pattern"]], []
+        for _ in range(config["count"]):
+            handle = handles[cursor]
+            cursor += 1
+            started.append(time.time())
             start = time.perf_counter()
-            sender.send(handle, src_ids, kv_cache)
-            while not sender.poll(handle).is_terminal:
-                time.sleep(2e-5)  # yield the GIL to the link thread
-            elapsed = time.perf_counter() - start
+            tracer.mark(handle.handle_id, "send")
+            sender.send(handle, src, kv_cache)
+            tracer.mark(handle.handle_id, "send returned")
+            _until_terminal(sender, handle, config["how"])
+            times.append(time.perf_counter() - start)
             if sender.poll(handle) is not TransferState.SUCCESS:
                 raise SystemExit(f"transfer failed: {sender.error(handle)}")
-            if i >= args.warmup:
-                times.append(elapsed)
-        sender.close()
-        payload = args.num_blocks * handles[0].layout.block_bytes
-        median = statistics.median(times)
         results.append(
             {
-                "message_bytes": message_mib * MiB,
-                "payload_bytes": payload,
-                "median_s": median,
-                "gb_per_s": payload / median / 1e9,
+                **config,
+                "sender_s": times[args.warmup :] if config["name"] != "trace" else times,
+                "fingerprint": block_fingerprint(kv_cache, src),
             }
         )
-    # The gather alone (the receiver's scatter costs about the same).
-    for _ in range(3):
-        gather_blocks(kv_cache, src_ids)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        gather_blocks(kv_cache, src_ids)
-    _sync(device)
-    gather_s = (time.perf_counter() - start) / args.iters
-    checksum = float(kv_cache[:, :, src_ids].double().sum())
-    _emit({"raw": raw, "ours": results, "gather_s": gather_s, "src_checksum": checksum})
+    for sender in senders.values():
+        sender.close()
+    ceilings = _copy_ceilings(args, kv_cache, src_by_pattern, device)
+    _emit({"raw": raw, "ours": results, "started_at": started, "ceilings": ceilings, "trace": tracer.events})
 
 
 # ------------------------------------------------------------------------------------- orchestrator
+
+
+def _summarize(args, sent: dict, received: dict) -> dict:
+    import torch
+
+    raw_by_size = {r["bytes"]: r for r in sent["raw"]}
+    payload = args.num_blocks * 2 * args.num_layers * args.block_size * args.num_kv_heads * args.head_dim * 2
+    raw_same = raw_by_size.get(payload)
+    rows, first = [], 0
+    for index, result in enumerate(sent["ours"]):
+        begin, first = first, first + result["count"]
+        if result["name"] == "trace":
+            continue
+        # Same host, one wall clock: send() on the sender to SUCCESS seen on the receiver.
+        receiver_s = [
+            received["success_at"][i] - sent["started_at"][i] for i in range(begin + args.warmup, first)
+        ]
+        row = {
+            "group": result["name"],
+            "message_mib": result["mib"],
+            "pattern": result["pattern"],
+            "completion": result["how"],
+            "payload_bytes": payload,
+            "receiver_median_s": statistics.median(receiver_s),
+            "sender_median_s": statistics.median(result["sender_s"]),
+            "data_matches": received["fingerprints"][index] == result["fingerprint"],
+            "receiver_s": receiver_s,
+            "sender_s": result["sender_s"],
+        }
+        for side in ("receiver", "sender"):
+            seconds = row[f"{side}_median_s"]
+            row[f"{side}_gb_per_s"] = payload / seconds / 1e9
+            row[f"{side}_ratio_to_raw"] = raw_same["median_s"] / seconds if raw_same else None
+        rows.append(row)
+    trace = _trace_timeline(sent["trace"] + received["trace"])
+    return {
+        "device": torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu (gloo rehearsal)",
+        "backend": args.backend,
+        "torch": torch.__version__,
+        "command": "python benchmarks/kv_transfer_bench.py " + " ".join(sys.argv[1:]),
+        "shape": {
+            k: getattr(args, k)
+            for k in ("num_layers", "num_kv_heads", "head_dim", "block_size", "num_blocks")
+        },
+        "raw_nccl": sent["raw"],
+        "ours": rows,
+        "copy_ceilings": sent["ceilings"],
+        "trace_median_us": trace,
+        "receiver_states": received["receiver_states"],
+        "data_matches": all(row["data_matches"] for row in rows)
+        and received["fingerprints"][-1] == sent["ours"][-1]["fingerprint"],
+    }
+
+
+def _trace_timeline(events: list) -> dict:
+    """Median microseconds from ``send`` to each traced point (first occurrence per transfer)."""
+    by_handle: dict[str, dict[str, float]] = {}
+    for handle_id, label, at in events:
+        by_handle.setdefault(handle_id, {}).setdefault(label, at)
+    offsets: dict[str, list[float]] = {}
+    for points in by_handle.values():
+        origin = points.get("send")
+        if origin is None:
+            continue
+        for label, at in points.items():
+            offsets.setdefault(label, []).append((at - origin) * 1e6)
+    return dict(sorted(((k, statistics.median(v)) for k, v in offsets.items()), key=lambda kv: kv[1]))
+
+
+def _print_table(args, report: dict) -> None:
+    print(f"\n{report['device']}, torch {report['torch']}; receiver states {report['receiver_states']};")
+    print(f"data matches: {report['data_matches']}; command: {report['command']}")
+    ceilings = report["copy_ceilings"]
+    print(
+        "copies of {:.0f} MiB on the sender: plain {:.3f} ms; gather contiguous {:.3f} ms, scattered {:.3f} ms;"
+        " index_select contiguous {:.3f} ms, scattered {:.3f} ms".format(
+            ceilings["bytes"] / MiB,
+            *(
+                ceilings[k] * 1e3
+                for k in (
+                    "plain_copy_s",
+                    "gather_contiguous_s",
+                    "gather_scattered_s",
+                    "index_select_contiguous_s",
+                    "index_select_scattered_s",
+                )
+            ),
+        )
+    )
+    print("traced timeline (median us after send): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in report["trace_median_us"].items()
+    ))  # fmt: skip
+    print(f"{'what':<40}{'bytes':>11}{'ms':>9}{'GB/s':>8}{'ratio':>7}{'sender ms':>11}{'ratio':>7}")
+    for row in report["raw_nccl"]:
+        what = f"raw {args.backend} send/recv"
+        print(f"{what:<40}{row['bytes']:>11}{row['median_s'] * 1e3:>9.3f}{row['gb_per_s']:>8.1f}")
+    for row in report["ours"]:
+        what = f"ours, {row['pattern']}, {row['message_mib']} MiB msgs"
+        what += ", polled" if row["completion"] == "poll" else ""
+
+        def ratio(side: str, row=row) -> str:
+            value = row[f"{side}_ratio_to_raw"]
+            return f"{value:.2f}" if value else "-"
+
+        print(
+            f"{what:<40}{row['payload_bytes']:>11}{row['receiver_median_s'] * 1e3:>9.3f}"
+            f"{row['receiver_gb_per_s']:>8.1f}{ratio('receiver'):>7}"
+            f"{row['sender_median_s'] * 1e3:>11.3f}{ratio('sender'):>7}"
+        )
+    print(
+        "ms/ratio: send() -> receiver SUCCESS; sender ms/ratio: send() -> sender SUCCESS; ratio = raw / ours"
+    )
 
 
 def orchestrate(args) -> int:
@@ -232,43 +505,11 @@ def orchestrate(args) -> int:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
-    report = {
-        "device": torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu (gloo rehearsal)",
-        "backend": args.backend,
-        "torch": torch.__version__,
-        "shape": {
-            k: getattr(args, k)
-            for k in ("num_layers", "num_kv_heads", "head_dim", "block_size", "num_blocks")
-        },
-        "raw_nccl": sent["raw"],
-        "ours": sent["ours"],
-        "gather_s": sent["gather_s"],
-        "receiver_states": received["receiver_states"],
-        "data_matches": abs(received["last_checksum"] - sent["src_checksum"])
-        <= 1e-6 * max(1.0, abs(sent["src_checksum"])),
-    }
-    raw_by_size = {r["bytes"]: r for r in sent["raw"]}
-    for row in report["ours"]:
-        raw = raw_by_size.get(row["payload_bytes"])
-        row["ratio_to_raw"] = row["gb_per_s"] / raw["gb_per_s"] if raw else None
+    report = _summarize(args, sent, received)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
-    print(
-        f"\n{report['device']}, torch {report['torch']}, receiver states {report['receiver_states']}, data matches: {report['data_matches']}"
-    )
-    print(f"gather of {args.num_blocks} blocks: {sent['gather_s'] * 1e3:.3f} ms")
-    print(f"{'what':<34}{'bytes':>12}{'median ms':>12}{'GB/s':>10}{'ratio':>8}")
-    for row in sent["raw"]:
-        print(
-            f"{'raw ' + args.backend + ' send/recv':<34}{row['bytes']:>12}{row['median_s'] * 1e3:>12.3f}{row['gb_per_s']:>10.1f}{'':>8}"
-        )
-    for row in report["ours"]:
-        ratio = f"{row['ratio_to_raw']:.2f}" if row["ratio_to_raw"] else "-"
-        what = f"ours ({args.backend}), {row['message_bytes'] // MiB} MiB msgs"
-        print(
-            f"{what:<34}{row['payload_bytes']:>12}{row['median_s'] * 1e3:>12.3f}{row['gb_per_s']:>10.1f}{ratio:>8}"
-        )
+    _print_table(args, report)
     return 0 if report["data_matches"] and set(report["receiver_states"]) == {"success"} else 1
 
 
@@ -285,11 +526,13 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=128, help="2048 tokens / block size 16")
-    parser.add_argument("--message-mib", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--message-mib", type=int, nargs="+", default=[32, 64, 80, 128, 256])
     parser.add_argument("--raw-sizes-mib", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
+    if args.role != "orchestrator":
+        _low_timer_slack()
     if args.role == "receiver":
         run_receiver(args)
         return 0

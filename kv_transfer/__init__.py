@@ -1,9 +1,10 @@
 """Moving KV blocks between workers: ``KVSender`` / ``KVReceiver`` over loopback, gloo or nccl.
 
 Map: ``base`` (contract, descriptors, poll states) · ``wire`` (control framing, HMAC handshake,
-headers) · ``reservations`` (receiver bookkeeping and descriptor checks, shared by all transports) ·
-``pair`` (standalone 2-rank process groups, deadline-bounded waits) · ``dist_sender`` /
-``dist_receiver`` (the torch.distributed transport) · ``gloo`` / ``nccl`` / ``loopback`` (entry points).
+headers) · ``blocks`` (layer-range gathers and scatters of cache blocks) · ``reservations`` (receiver
+bookkeeping and descriptor checks, shared by all transports) · ``pair`` (standalone 2-rank process
+groups, deadline-bounded waits) · ``dist_sender`` / ``sender_link`` / ``dist_receiver`` (the
+torch.distributed transport) · ``gloo`` / ``nccl`` / ``loopback`` (entry points).
 """
 
 from kv_transfer.base import (

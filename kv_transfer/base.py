@@ -15,11 +15,18 @@ KV cache layout (engine/attention/base.py), one tensor for all layers::
 
 A piece gathers ``kv_cache[:, :, src_block_ids]`` into one contiguous tensor of shape
 ``[num_layers, 2, n, block_size, num_kv_heads, head_dim]``, moves it as raw bytes in large messages,
-and scatters it into ``kv_cache[:, :, dst_block_ids]`` on arrival.
+and scatters it into ``kv_cache[:, :, dst_block_ids]`` on arrival. Transports may pipeline this a few
+layers at a time (gather the next layers while earlier ones are on the wire, scatter the layers a
+message completes while the next message arrives).
 
 Invariants every transport keeps:
 - No byte lands in a destination block before the piece's descriptor was validated against the
   reservation (request id, handle id, block ids, layer count, dtype, shape).
+- Only bytes the sender sent land, whole layers of whole blocks at a time; with a checksum, none land
+  before the whole piece is verified. Without one, a piece that fails mid-way may leave some reserved
+  blocks written: the reservation is then FAILED, and a FAILED reservation's blocks hold no valid KV
+  (the caller frees them and never reads them as a prompt's cache).
+- Blocks outside the reservation are never written.
 - After ``KVReceiver.release(handle)`` returns, no further byte of that transfer is written to the cache,
   so the caller may free and reuse the blocks.
 - After ``KVSender.send`` returns, the source blocks have been copied (in stream order on CUDA), so the

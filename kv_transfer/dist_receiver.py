@@ -1,9 +1,12 @@
 """Receiver over ``torch.distributed`` point-to-point (gloo or nccl), one group per sender.
 
-Threads: one accepts control connections on ``host:port``; each connection gets its own thread that
-authenticates the peer, builds the pair's process group on request, and serves pieces one at a time.
-Bytes arrive into a staging tensor and are scattered into the cache only after the piece is complete
-(and its checksum verified), so a peer dying mid-piece never leaves half a block behind.
+Threads: one accepts control connections on ``host:port``; each connection gets its own thread (and,
+on a GPU, its own stream) that authenticates the peer, builds the pair's process group on request, and
+serves pieces one at a time (wire protocol: kv_transfer/wire.py). Bytes arrive into a staging tensor,
+never straight into the cache. Without a checksum, the layers each message completes are scattered
+into the reserved blocks while the next message is in flight; with one, the whole piece is verified
+first and then scattered. Either way only whole received layers are ever written, and a piece that
+fails mid-way fails its reservation.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.distributed as dist
 
 from baton.v1 import kv_transfer_pb2
 from kv_transfer.base import KVReceiver, TransferError, TransferHandle, TransferState
+from kv_transfer.blocks import layer_bytes, layers_covered
 from kv_transfer.pair import (
     RECEIVER_RANK,
     SENDER_RANK,
@@ -31,11 +35,13 @@ from kv_transfer.pair import (
     teardown_group,
     wait_works,
 )
-from kv_transfer.reservations import ReservationTable
+from kv_transfer.reservations import PieceTicket, ReservationTable
 from kv_transfer.wire import (
+    Checksum,
     PeerGone,
     as_secret,
     error_to_proto,
+    framing_problem,
     message_views,
     recv_message,
     send_message,
@@ -108,6 +114,10 @@ class DistKVReceiver(KVReceiver):
     def poll(self, handle: TransferHandle) -> TransferState:
         return self._table.poll(handle)
 
+    def wait(self, handle: TransferHandle, timeout: float) -> TransferState:
+        """Block until the transfer is terminal or ``timeout`` seconds passed; the state then."""
+        return self._table.wait(handle, timeout)
+
     def error(self, handle: TransferHandle) -> str | None:
         return self._table.error(handle)
 
@@ -173,11 +183,15 @@ class _Connection:
         receiver, reason = self.receiver, "connection closed"
         try:
             receiver._backend.activate()
+            device = receiver._backend.device
+            # Our own stream: scatters wait for this connection's messages, not for other work.
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             deadline = time.time() + receiver._handshake_timeout
             self.sender_id = server_handshake(self.sock, receiver._secret, receiver.receiver_id, deadline)
-            while not receiver._closed.is_set():
-                if not self._serve(recv_message(self.sock, deadline=None)):
-                    break
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                while not receiver._closed.is_set():
+                    if not self._serve(recv_message(self.sock, deadline=None)):
+                        break
         except (TransferError, PeerGone, TimeoutError, OSError, RuntimeError) as exc:
             reason = f"connection to sender {self.sender_id!r} lost: {exc}"
         finally:
@@ -236,35 +250,78 @@ class _Connection:
         exchange_probe(self.group, receiver._backend, RECEIVER_RANK, deadline, self.sock)
 
     def _receive_piece(self, header: kv_transfer_pb2.TransferHeader) -> None:
-        table = self.receiver._table
-        if self.group is None:
-            error = TransferError("INVALID_ARGUMENT", "transfer before pair setup")
-            table.fail(header.handle_id, str(error))
+        """Receive one piece; exactly one answer (Ack or Nack) goes back once its messages are in.
+
+        The sender posted the messages right behind the header, so the receives are posted first,
+        into a staging buffer, as soon as the framing is sane; the header is validated against the
+        reservation meanwhile, and nothing touches the cache before that passed.
+        """
+        table, receiver = self.receiver._table, self.receiver
+        problem = None if self.group is not None else "transfer before pair setup"
+        problem = problem or framing_problem(header, table.max_payload_bytes)
+        if problem is not None:  # its messages cannot be matched: refuse it and drop the pair
+            error = TransferError("INVALID_ARGUMENT", problem)
+            table.fail(header.handle_id, f"rejected piece {header.piece_index}: {error}")
             self._nack(header.handle_id, header.piece_index, error)
+            raise error
+        device = receiver._backend.device
+        staging = torch.empty(header.payload_bytes, dtype=torch.uint8, device=device)
+        works = self._post_receives(staging, header)
+        try:
+            ticket = table.accept_header(header, owner=self, staging=staging)
+        except TransferError as exc:
+            self._nack(header.handle_id, header.piece_index, exc)
+            # Drain: the refused bytes land in staging and are dropped, keeping the pair in step.
+            self._wait(works, header, time.time() + receiver._group_timeout)
             return
         try:
-            ticket = table.accept_header(header, owner=self)
-        except TransferError as exc:
+            if header.checksum_algorithm == Checksum.CHECKSUM_ALGORITHM_NONE:
+                self._land_as_messages_arrive(ticket, works)
+            else:
+                self._wait(works, header, ticket.deadline)
+                table.land(ticket)
+        except TransferError as exc:  # every message arrived, but the piece cannot land
             self._nack(header.handle_id, header.piece_index, exc)
             return
         self._reply(
             Message(ack=kv_transfer_pb2.Ack(handle_id=header.handle_id, piece_index=header.piece_index))
         )
-        views = message_views(ticket.staging, header)
-        works = [self.group.recv([view], SENDER_RANK, tag) for tag, view in enumerate(views)]
+
+    def _post_receives(
+        self, staging: torch.Tensor, header: kv_transfer_pb2.TransferHeader
+    ) -> list[dist.Work]:
+        views = message_views(staging, header)
+        return [self.group.recv([view], SENDER_RANK, tag) for tag, view in enumerate(views)]
+
+    def _wait(self, works: list[dist.Work], header: kv_transfer_pb2.TransferHeader, deadline: float) -> None:
         try:
-            wait_works(works, self.receiver._backend, ticket.deadline, self.sock)
+            wait_works(works, self.receiver._backend, deadline, self.sock)
         except (TimeoutError, PeerGone, RuntimeError) as exc:
-            table.fail(header.handle_id, f"piece {header.piece_index} did not arrive: {exc}")
+            self.receiver._table.fail(header.handle_id, f"piece {header.piece_index} did not arrive: {exc}")
             raise  # the group may hold unmatched operations: drop the connection and its group
-        try:
-            table.land(ticket)
-        except TransferError as exc:
-            self._nack(header.handle_id, header.piece_index, exc)
-            return
-        self._reply(
-            Message(ack=kv_transfer_pb2.Ack(handle_id=header.handle_id, piece_index=header.piece_index))
-        )
+
+    def _land_as_messages_arrive(self, ticket: PieceTicket, works: list[dist.Work]) -> None:
+        """Scatter the layers each message completes while the next ones arrive.
+
+        A reservation released mid-piece stops the scatters, but the rest of the messages are still
+        received (into staging) so the pair stays in step; the piece is then refused.
+        """
+        table, header = self.receiver._table, ticket.header
+        one_layer = layer_bytes(header.shape, ticket.staging.element_size())
+        num_layers, landed, refused = header.shape[0], 0, None
+        for index, work in enumerate(works):
+            self._wait([work], header, ticket.deadline)
+            end = min((index + 1) * header.message_bytes, header.payload_bytes)
+            layers = layers_covered(end, one_layer, num_layers)
+            if layers > landed and refused is None:
+                try:
+                    table.land_layers(ticket, landed, layers)
+                except TransferError as exc:
+                    refused = exc
+                landed = layers
+        if refused is not None:
+            raise refused
+        table.complete_piece(ticket)
 
     def _nack(self, handle_id: str, piece_index: int, error: TransferError) -> None:
         nack = kv_transfer_pb2.Nack(handle_id=handle_id, piece_index=piece_index, error=error_to_proto(error))

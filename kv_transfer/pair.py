@@ -72,7 +72,10 @@ def make_group(
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
         options._timeout = delta
         return dist.ProcessGroupGloo(pair_store, rank, 2, options)
+    # High priority: the transfer's few NCCL blocks start ahead of the gather/scatter copies and of
+    # the model's kernels queued beside them, so the link never idles waiting for free SMs.
     options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True
     options._timeout = delta
     with _nccl_errors_stay_local():
         return dist.ProcessGroupNCCL(pair_store, rank, 2, options)

@@ -1,11 +1,14 @@
 """Receiver-side bookkeeping shared by every transport: reservations, header checks, landing pieces.
 
 Flow for one piece: ``accept_header`` validates the descriptor against the reservation and returns a
-``PieceTicket`` (the staging tensor to receive into); the transport fills it; ``land`` verifies the
-checksum and scatters it into the cache. ``finish`` handles the done marker.
+``PieceTicket`` (the staging tensor to receive into); the transport fills it. Then either ``land``
+verifies the checksum and scatters the whole piece, or (no checksum) ``land_layers`` scatters the
+layers each message completes while later messages are still arriving, and ``complete_piece`` marks
+the piece landed once every scatter finished. ``finish`` handles the done marker.
 
-Thread-safety: one table lock guards the dict and every reservation's fields; the scatter runs under
-the reservation's own lock, which ``release`` also takes, so a released reservation is never written.
+Thread-safety: one table lock guards the dict and every reservation's fields. Scatters are issued
+under the reservation's own lock, which ``release`` also takes; ``release`` then waits for the last
+issued scatter on the GPU, so once it returns nothing more is written into the reservation's blocks.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from kv_transfer.base import (
     TransferHandle,
     TransferState,
     check_block_ids,
-    scatter_blocks,
 )
+from kv_transfer.blocks import BlockMover
 from kv_transfer.wire import Checksum, checksum
 
 _CHECKSUM_SIZES = {
@@ -48,6 +51,7 @@ class _Reservation:
     owner: object | None = None  # the connection feeding it; others are refused
     released: bool = False
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    last_write: torch.cuda.Event | None = None  # the latest scatter issued on a GPU stream
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class PieceTicket:
     positions: range  # indices into the reservation's block ids
     staging: torch.Tensor
     deadline: float  # the reservation's: the bytes must arrive before it
+    mover: BlockMover  # scatters staging layers into the destination blocks
 
 
 class ReservationTable:
@@ -69,7 +74,9 @@ class ReservationTable:
         self.address = address
         self.receiver_id = receiver_id
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when a reservation turns terminal
         self._reservations: dict[str, _Reservation] = {}
+        self.max_payload_bytes = kv_cache.numel() * kv_cache.element_size()  # no piece is larger
 
     # ---------------------------------------------------------------------------- the worker's side
 
@@ -119,12 +126,26 @@ class ReservationTable:
             self._expire(reservation)
             return reservation.error
 
+    def wait(self, handle: TransferHandle, timeout: float) -> TransferState:
+        """Block until the reservation is terminal or ``timeout`` seconds passed; the state then."""
+        end = time.monotonic() + timeout
+        with self._settled:
+            while True:
+                reservation = self._get(handle.handle_id)
+                self._expire(reservation)
+                left = min(end - time.monotonic(), handle.remaining())
+                if reservation.state.is_terminal or end <= time.monotonic():
+                    return reservation.state
+                self._settled.wait(max(left, 1e-4))
+
     def release(self, handle: TransferHandle) -> None:
         with self._lock:
             reservation = self._reservations.pop(handle.handle_id, None)
         if reservation is not None:
-            with reservation.write_lock:  # waits for a scatter in progress, if any
+            with reservation.write_lock:  # waits for a scatter being issued, if any
                 reservation.released = True
+                if reservation.last_write is not None:  # and for the scatters already on the GPU
+                    reservation.last_write.synchronize()
 
     def __len__(self) -> int:
         with self._lock:
@@ -132,8 +153,17 @@ class ReservationTable:
 
     # ----------------------------------------------------------------------------- the wire's side
 
-    def accept_header(self, header: kv_transfer_pb2.TransferHeader, owner: object) -> PieceTicket:
-        """Validate a descriptor; raises TransferError (and fails the reservation) when it is wrong."""
+    def accept_header(
+        self,
+        header: kv_transfer_pb2.TransferHeader,
+        owner: object,
+        staging: torch.Tensor | None = None,
+    ) -> PieceTicket:
+        """Validate a descriptor; raises TransferError (and fails the reservation) when it is wrong.
+
+        ``staging``: the flat byte buffer the piece is (being) received into, if the transport
+        allocated it before validation; else one is allocated here.
+        """
         with self._lock:
             reservation = self._reservations.get(header.handle_id)
             if reservation is None:
@@ -148,34 +178,68 @@ class ReservationTable:
             reservation.next_piece_index += 1
             if reservation.state is TransferState.BOOTSTRAPPING:
                 reservation.state = TransferState.TRANSFERRING
-        staging = torch.empty(tuple(header.shape), dtype=self.layout.torch_dtype, device=self.kv_cache.device)
-        return PieceTicket(header.handle_id, header, positions, staging, reservation.handle.deadline)
+        device, shape = self.kv_cache.device, tuple(header.shape)
+        if staging is None:
+            staging = torch.empty(shape, dtype=self.layout.torch_dtype, device=device)
+        else:  # validated: payload_bytes is exactly this shape's bytes
+            staging = staging.view(self.layout.torch_dtype).view(shape)
+        mover = BlockMover(header.block_ids, device)
+        return PieceTicket(header.handle_id, header, positions, staging, reservation.handle.deadline, mover)
 
     def land(self, ticket: PieceTicket) -> None:
-        """Verify the received bytes and scatter them into the reserved blocks."""
+        """Verify the received bytes and scatter the whole piece into the reserved blocks."""
         header = ticket.header
+        self._live(ticket)
+        if header.checksum_algorithm != Checksum.CHECKSUM_ALGORITHM_NONE:
+            if checksum(header.checksum_algorithm, ticket.staging) != header.checksum:
+                self.fail(ticket.handle_id, f"checksum mismatch in piece {header.piece_index}")
+                raise TransferError("TRANSFER_FAILED", f"checksum mismatch in piece {header.piece_index}")
+        self.land_layers(ticket, 0, self.layout.num_layers)
+        self.complete_piece(ticket)
+
+    def land_layers(self, ticket: PieceTicket, lo: int, hi: int) -> None:
+        """Scatter layers ``[lo, hi)`` of the staging tensor into the reserved blocks.
+
+        On a GPU the scatter is issued on the current stream and not waited for; ``complete_piece``
+        (or ``release``) waits. Only for pieces without a checksum may layers land before the whole
+        piece arrived: a piece that then fails leaves some reserved blocks written, and the reservation
+        FAILED (its blocks are the caller's to free, never read as valid KV).
+        """
+        reservation = self._live(ticket)
+        with reservation.write_lock:
+            if reservation.released:
+                raise TransferError(
+                    "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
+                )
+            ticket.mover.scatter(self.kv_cache, ticket.staging, lo, hi)
+            if self.kv_cache.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+                reservation.last_write = event
+
+    def complete_piece(self, ticket: PieceTicket) -> None:
+        """Wait for the piece's scatters, then count its blocks as landed."""
+        reservation = self._live(ticket)
+        with reservation.write_lock:
+            if reservation.released:
+                raise TransferError(
+                    "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
+                )
+            if reservation.last_write is not None:  # SUCCESS must mean the bytes are in place for any stream
+                reservation.last_write.synchronize()
+        with self._lock:
+            for position in ticket.positions:
+                reservation.landed[position] = True
+            reservation.pieces_landed += 1
+
+    def _live(self, ticket: PieceTicket) -> _Reservation:
         with self._lock:
             reservation = self._reservations.get(ticket.handle_id)
         if reservation is None:
             raise TransferError(
                 "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
             )
-        if header.checksum_algorithm != Checksum.CHECKSUM_ALGORITHM_NONE:
-            if checksum(header.checksum_algorithm, ticket.staging) != header.checksum:
-                self.fail(ticket.handle_id, f"checksum mismatch in piece {header.piece_index}")
-                raise TransferError("TRANSFER_FAILED", f"checksum mismatch in piece {header.piece_index}")
-        with reservation.write_lock:
-            if reservation.released:
-                raise TransferError(
-                    "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
-                )
-            scatter_blocks(self.kv_cache, header.block_ids, ticket.staging)
-            if self.kv_cache.is_cuda:  # SUCCESS must mean the bytes are in place for any stream
-                torch.cuda.current_stream(self.kv_cache.device).synchronize()
-        with self._lock:
-            for position in ticket.positions:
-                reservation.landed[position] = True
-            reservation.pieces_landed += 1
+        return reservation
 
     def finish(self, done: kv_transfer_pb2.TransferDone, owner: object) -> None:
         """The done marker: SUCCESS when every reserved block landed, else FAILED."""
@@ -202,6 +266,7 @@ class ReservationTable:
                 self._fail(reservation, problem)
                 raise TransferError("INVALID_ARGUMENT", problem)
             reservation.state = TransferState.SUCCESS
+            self._settled.notify_all()
 
     def fail(self, handle_id: str, message: str) -> None:
         with self._lock:
@@ -231,10 +296,10 @@ class ReservationTable:
             raise KeyError(f"unknown or released transfer handle {handle_id!r}")
         return reservation
 
-    @staticmethod
-    def _fail(reservation: _Reservation, message: str) -> None:
+    def _fail(self, reservation: _Reservation, message: str) -> None:
         reservation.state = TransferState.FAILED
         reservation.error = message
+        self._settled.notify_all()
 
     def _expire(self, reservation: _Reservation) -> None:
         if not reservation.state.is_terminal and time.time() > reservation.handle.deadline:

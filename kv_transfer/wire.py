@@ -3,6 +3,15 @@
 Control messages are ``baton.v1.ControlMessage`` protobufs, each prefixed by its length as a 4-byte
 big-endian integer (see proto/baton/v1/kv_transfer.proto). Nothing here deserializes anything but
 protobuf and raw tensor bytes.
+
+Protocol 2, one piece: S -> R ``TransferHeader``, and right behind it the header's ``num_messages``
+raw messages over the pair's process group (the sender does not wait for a go-ahead). The receiver
+posts its receives into a staging buffer as soon as the header's framing is sane (``framing_problem``),
+validates the header against the reservation, and answers once per piece: ``Ack`` once the piece
+landed, or ``Nack`` (a refused piece's messages are still received into staging and dropped, so the
+pair stays in step). A header whose framing is not sane is refused and the connection closed, since
+its messages cannot be matched. ``TransferDone`` may follow a piece's messages at once; it gets its
+own ``Ack`` / ``Nack``, after the piece's answer.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 from baton.v1 import common_pb2, kv_transfer_pb2, worker_pb2
 from kv_transfer.base import KVLayout, TransferError, TransferHandle
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a piece's messages follow its header without a go-ahead
 HANDSHAKE_CONTEXT = b"baton-kv-transfer-v1/"
 NONCE_BYTES = 32
 MAX_FRAME_BYTES = 4 << 20  # control messages are small; a larger frame is a protocol error
@@ -84,7 +93,18 @@ def _recv_exact(sock: socket.socket, size: int, deadline: float | None) -> bytes
 
 
 def peer_closed(sock: socket.socket) -> bool:
-    """True when the socket reached EOF or errored (checked without consuming data)."""
+    """True when the peer closed or reset the socket (checked without consuming data).
+
+    Where the OS reports a peer's close even behind unread data (Linux ``POLLRDHUP``), that is used:
+    a sender queues its done marker while the payload is in flight, and its death must still show.
+    """
+    if hasattr(select, "POLLRDHUP"):
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        try:
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
     readable, _, _ = select.select([sock], [], [], 0)
     if not readable:
         return False
@@ -301,6 +321,20 @@ def build_header(
         checksum=checksum(checksum_algorithm, piece),
         piece_index=piece_index,
     )
+
+
+def framing_problem(header: kv_transfer_pb2.TransferHeader, max_payload_bytes: int) -> str | None:
+    """Why the header's message arithmetic cannot be received safely, or None.
+
+    Checked before the header is validated against any reservation: it bounds the staging buffer
+    (``max_payload_bytes``, the receiver's whole cache) and the number of receives posted for it.
+    """
+    payload, size, count = header.payload_bytes, header.message_bytes, header.num_messages
+    if not 0 < payload <= max_payload_bytes:
+        return f"payload of {payload} bytes is outside (0, {max_payload_bytes}]"
+    if size <= 0 or count != math.ceil(payload / size):
+        return f"payload of {payload} bytes cannot travel as {count} messages of {size} bytes"
+    return None
 
 
 def message_views(piece: torch.Tensor, header: kv_transfer_pb2.TransferHeader) -> list[torch.Tensor]:

@@ -1,16 +1,19 @@
 """Pure-torch paged attention: the reference every kernel is tested against, and the CPU backend.
 
-Decode rows (one query per sequence) are batched into one padded SDPA call; sequences with several
-query rows (prefill chunks, speculative verification) run one SDPA each, so a long chunk never pads a
-whole batch of decodes to its length.
+Decode rows (one query per sequence) are batched into one padded attention over all of them; sequences
+with several query rows (prefill chunks, speculative verification) are computed one by one, so a long
+chunk never pads a whole batch of decodes to its length. Attention is written as explicit GQA matmuls
+(query heads grouped by their KV head) with an fp32 softmax: on CPU this is several times faster than
+SDPA with a mask, and numerically it matches HF's attention well inside the 1e-4 logit tolerance.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.attention.base import AttentionMetadata
+
+_QUERY_SLICE = 256  # query rows per score matrix in prefill (bounds memory on long prompts)
 
 
 class TorchAttention:
@@ -43,15 +46,6 @@ class TorchAttention:
                 out[s : s + n] = self._prefill_one(q[s : s + n], kv_layer, meta, scale, b)
         return out
 
-    def _gather(
-        self, kv_layer: torch.Tensor, block_ids: torch.Tensor, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of one or more sequences: block ids [..., nb] -> [..., length, Hkv, D]."""
-        _, _, block_size, hkv, d = kv_layer.shape
-        k = kv_layer[0][block_ids].flatten(-4, -3)[..., :length, :, :]
-        v = kv_layer[1][block_ids].flatten(-4, -3)[..., :length, :, :]
-        return k, v
-
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, seqs: list[int]) -> torch.Tensor:
         # One query per sequence: explicit batched matmuls (cheaper than SDPA's kernel at these sizes).
         # q: [B, Hq, D]; keys of all sequences gathered in one index, padded to the longest: [B, L, Hkv, D].
@@ -73,23 +67,26 @@ class TorchAttention:
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return torch.matmul(probs, v.to(q.dtype)).reshape(b, hq, d)
 
-    def _prefill_one(
-        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, b: int
-    ) -> torch.Tensor:
+    def _prefill_one(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, b: int) -> torch.Tensor:
         # q: [n, Hq, D]; the n queries are the last n of a context of seq_len tokens (causal).
-        block_size = kv_layer.shape[2]
+        # Explicit GQA matmuls, query rows in slices so the score matrix stays small on long prompts.
+        _, _, block_size, hkv, d = kv_layer.shape
         seq_len = meta.seq_lens_cpu[b]
-        n = q.shape[0]
+        n, hq = q.shape[0], q.shape[1]
+        g = hq // hkv
         nb = -(-seq_len // block_size)
-        k, v = self._gather(kv_layer, meta.block_tables[b, :nb].long(), seq_len)
-        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [n, L]
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),  # [Hq, n, D]
-            k.transpose(0, 1).to(q.dtype),  # [Hkv, L, D]
-            v.transpose(0, 1).to(q.dtype),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        return o.transpose(0, 1)
+        kv = kv_layer[:, meta.block_tables[b, :nb].long()].flatten(1, 2)[:, :seq_len]  # [2, L, Hkv, D]
+        k = kv[0].permute(1, 2, 0).to(q.dtype)  # [Hkv, D, L]
+        v = kv[1].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
+        out = torch.empty_like(q)
+        keys = torch.arange(seq_len, device=q.device)
+        for lo in range(0, n, _QUERY_SLICE):
+            hi = min(n, lo + _QUERY_SLICE)
+            qs = q[lo:hi].permute(1, 0, 2).reshape(hkv, g * (hi - lo), d)  # [Hkv, G*m, D]
+            scores = torch.matmul(qs, k).float().view(hkv, g, hi - lo, seq_len) * scale
+            q_pos = torch.arange(seq_len - n + lo, seq_len - n + hi, device=q.device)
+            scores.masked_fill_(keys[None, :] > q_pos[:, None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(q.dtype).view(hkv, g * (hi - lo), seq_len)
+            o = torch.matmul(probs, v).view(hq, hi - lo, d)  # heads ordered (kv head, group) = q head order
+            out[lo:hi] = o.transpose(0, 1)
+        return out

@@ -22,9 +22,10 @@ from kv_transfer.dist_receiver import DistKVReceiver
 from kv_transfer.dist_sender import DistKVSender, SenderConnection
 from kv_transfer.loopback import LoopbackHub, LoopbackReceiver, LoopbackSender
 from kv_transfer.pair import Backend
-from kv_transfer.wire import as_secret
+from kv_transfer.wire import as_secret, framing_problem, message_views
 
 SECRET = "conformance-secret"
+PEER_SEED = 1  # the cache a peer process sends from is random_cache(..., seed=PEER_SEED)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -81,11 +82,20 @@ class Harness:
             deadline=time.time() + 20,
             group_timeout=20,
         )
+        works = []
         try:
             connection.send_header(header, time.time() + 10)
+            if framing_problem(header, 1 << 40) is None:  # a sender's messages follow its header
+                payload = torch.zeros(header.payload_bytes, dtype=torch.uint8, device=self.src_device)
+                works = connection.post_messages(message_views(payload, header))
+            connection.read_ack(time.time() + 10)  # a refused header is answered before its bytes
         except TransferError as exc:
             return exc
         finally:
+            for work in works:  # drained by the receiver; wait so closing cannot cut them off
+                work.wait()
+            if self.src_device.type == "cuda":
+                torch.cuda.synchronize(self.src_device)
             connection.close()
         return None
 

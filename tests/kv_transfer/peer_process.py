@@ -31,6 +31,7 @@ from kv_transfer.wire import (
     handle_to_kv_target,
     message_views,
 )
+from tests.kv_transfer.harness import PEER_SEED, random_cache
 
 
 def _print(payload: dict) -> None:
@@ -57,15 +58,10 @@ def run_sender_half(args: argparse.Namespace) -> None:
     handle = handle_from_kv_target(target, args.request_id)
     layout = handle.layout
     num_blocks = len(handle.block_ids)
-    kv_cache = torch.randn(
-        layout.num_layers,
-        2,
-        num_blocks,
-        layout.block_size,
-        layout.num_kv_heads,
-        layout.head_dim,
-        device=args.device,
-    ).to(layout.torch_dtype)
+    kv_cache = random_cache(
+        layout.num_layers, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim,
+        layout.torch_dtype, args.device, seed=PEER_SEED,
+    )  # fmt: skip
     backend = Backend(args.backend, torch.device(args.device))
     backend.activate()
     deadline = time.time() + 60
@@ -78,7 +74,8 @@ def run_sender_half(args: argparse.Namespace) -> None:
     connection.send_header(header, deadline)
     views = message_views(piece, header)
     half = max(1, len(views) // 2)
-    connection.post_messages(views[:half])
+    for work in connection.post_messages(views[:half]):
+        work.wait()  # gloo: handed to the socket; nccl: ordered before the synchronize below
     if kv_cache.is_cuda:
         torch.cuda.synchronize()
     _print({"sent": half, "of": len(views)})

@@ -18,7 +18,7 @@ import torch
 from kv_transfer.base import KVLayout, TransferState, gather_blocks
 from kv_transfer.wire import CHECKSUMS, build_header, handle_to_kv_target
 
-from .harness import Harness, PeerProcess, random_cache, target_of, wait_terminal
+from .harness import PEER_SEED, Harness, PeerProcess, random_cache, target_of, wait_terminal
 
 LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 4, 2, 8
 NUM_BLOCKS = 32
@@ -323,6 +323,9 @@ def test_sender_killed_mid_transfer(transport: Harness) -> None:
     try:
         progress = peer.read_json()
         assert 0 < progress["sent"] < progress["of"]
+        accepted_by = time.monotonic() + 10  # the receiver validates the header beside the bytes
+        while receiver.poll(handle) is TransferState.BOOTSTRAPPING and time.monotonic() < accepted_by:
+            time.sleep(0.002)
         assert receiver.poll(handle) is TransferState.TRANSFERRING
         peer.kill()
         elapsed = wait_terminal(receiver.poll, handle, 20)
@@ -330,7 +333,15 @@ def test_sender_killed_mid_transfer(transport: Harness) -> None:
         peer.kill()
     assert receiver.poll(handle) is TransferState.FAILED
     assert elapsed < 10, "a dead sender must fail the transfer long before its 60 s deadline"
-    assert not dst.cpu().any(), "half a piece must never reach the cache"
+    # 3 layers of 4096 bytes in 2048-byte messages, half of them sent: at most layer 0 is complete.
+    # Only complete layers of the sender's own bytes may land, and nothing outside the reservation.
+    got = dst.cpu()
+    sent = random_cache(LAYERS, 8, BLOCK_SIZE, HEADS, HEAD_DIM, torch.float32, "cpu", seed=PEER_SEED)
+    written = [layer for layer in range(LAYERS) if got[layer].any()]
+    assert written in ([], [0]), f"layers {written} written from half a piece"
+    for layer in written:
+        assert torch.equal(got[layer, :, ids], sent[layer]), "a landed layer differs from what was sent"
+    assert not got[:, :, len(ids) :].any(), "blocks outside the reservation were written"
     receiver.release(handle)
     assert receiver.num_reservations == 0
 
@@ -380,3 +391,55 @@ def test_release_mid_transfer_stops_writes(transport: Harness) -> None:
     assert sender.poll(handle) is TransferState.FAILED
     assert "unknown or released" in sender.error(handle)
     assert not dst.cpu().any()
+
+
+def test_refused_piece_keeps_the_link_usable(transport: Harness) -> None:
+    """A refused piece's bytes are drained, so the next transfer on the same link still lands."""
+    src, dst = _caches(transport)
+    receiver, sender = transport.receiver(dst), transport.sender(max_message_bytes=1000)
+    gone = receiver.reserve("req-gone", [0, 1], num_tokens=2 * BLOCK_SIZE, deadline=time.time() + 30)
+    kept = receiver.reserve("req-kept", [2, 3], num_tokens=2 * BLOCK_SIZE, deadline=time.time() + 30)
+    warmup = receiver.reserve("req-warm", [4], num_tokens=BLOCK_SIZE, deadline=time.time() + 30)
+    sender.send(warmup, [9], src)  # connects; the pieces below are posted straight from send()
+    wait_terminal(sender.poll, warmup, 30)
+    receiver.release(gone)
+
+    sender.send(gone, [5, 6], src)
+    sender.send(kept, [7, 8], src)
+    wait_terminal(sender.poll, kept, 30)
+
+    assert sender.poll(gone) is TransferState.FAILED and "unknown or released" in sender.error(gone)
+    assert sender.poll(kept) is TransferState.SUCCESS, sender.error(kept)
+    _assert_landed(src, dst, [9, 7, 8], [4, 2, 3])
+
+
+def test_many_transfers_back_to_back(transport: Harness) -> None:
+    src, dst = _caches(transport)
+    receiver, sender = transport.receiver(dst), transport.sender(max_message_bytes=2048)
+    for round_ in range(4):
+        dst_ids = [(round_ * 3 + k) % NUM_BLOCKS for k in range(3)]
+        handle = receiver.reserve(
+            f"req-{round_}", dst_ids, num_tokens=3 * BLOCK_SIZE, deadline=time.time() + 30
+        )
+        src_ids = [20 - round_, 25, 3 + round_]
+        sender.send(handle, src_ids, src)
+        wait_terminal(sender.poll, handle, 30)
+        assert sender.poll(handle) is TransferState.SUCCESS, sender.error(handle)
+        assert receiver.poll(handle) is TransferState.SUCCESS
+        assert torch.equal(dst[:, :, dst_ids].cpu(), src[:, :, src_ids].cpu())
+
+
+def test_blocking_wait_on_both_sides(gloo_transport: Harness) -> None:
+    src, dst = _caches(gloo_transport)
+    receiver, sender = gloo_transport.receiver(dst), gloo_transport.sender()
+    handle = receiver.reserve("req-wait", [1, 2], num_tokens=2 * BLOCK_SIZE, deadline=time.time() + 30)
+    sender.send(handle, [3, 4], src)
+    assert receiver.wait(handle, timeout=30) is TransferState.SUCCESS
+    assert sender.wait(handle, timeout=30) is TransferState.SUCCESS
+    _assert_landed(src, dst, [3, 4], [1, 2])
+
+    lonely = receiver.reserve("req-alone", [5], num_tokens=BLOCK_SIZE, deadline=time.time() + 0.3)
+    start = time.monotonic()
+    assert receiver.wait(lonely, timeout=0.05) is TransferState.BOOTSTRAPPING  # timed out first
+    assert receiver.wait(lonely, timeout=5) is TransferState.FAILED  # then the deadline
+    assert time.monotonic() - start < 1.5
