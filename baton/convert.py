@@ -12,6 +12,7 @@ import time
 from baton.v1 import common_pb2, worker_pb2
 from engine.engine import RequestOutput
 from engine.host import EngineStats, KVEventBatch
+from engine.metrics import HistogramSnapshot
 from engine.request import FinishReason
 from engine.sampling.params import SamplingParams
 
@@ -92,6 +93,10 @@ def chunk_from_output(out: RequestOutput, with_logprobs: bool, with_top: bool) -
     return chunk
 
 
+def histogram_to_proto(h: HistogramSnapshot) -> common_pb2.Histogram:
+    return common_pb2.Histogram(upper_bounds=h.upper_bounds, bucket_counts=h.bucket_counts, sum=h.sum, count=h.count)
+
+
 def stats_to_proto(s: EngineStats) -> common_pb2.WorkerStats:
     return common_pb2.WorkerStats(
         num_running=s.num_running, num_waiting=s.num_waiting, num_total_blocks=s.num_total_blocks,
@@ -99,6 +104,11 @@ def stats_to_proto(s: EngineStats) -> common_pb2.WorkerStats:
         prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
         num_preemptions=s.num_preemptions, num_finished_requests=s.num_finished_requests,
         num_generated_tokens=s.num_generated_tokens, num_prompt_tokens=s.num_prompt_tokens,
+        kv_transfer_failures=s.kv_transfer.failures, kv_transfer_bytes=s.kv_transfer.bytes,
+        kv_transfer_time_seconds=histogram_to_proto(s.kv_transfer.time),
+        request_queue_time_seconds=histogram_to_proto(s.queue_time),
+        spec_decode_num_drafts=s.spec_decode.num_drafts, spec_decode_num_draft_tokens=s.spec_decode.num_draft_tokens,
+        spec_decode_num_accepted_tokens=s.spec_decode.num_accepted_tokens,
     )
 
 

@@ -17,6 +17,15 @@ from dataclasses import dataclass
 
 from engine.engine import LLMEngine, RequestOutput
 from engine.loop import EngineLoop
+from engine.metrics import (
+    QUEUE_TIME_BUCKETS_S,
+    TRANSFER_TIME_BUCKETS_S,
+    HistogramSnapshot,
+    KVTransferMetrics,
+    KVTransferSnapshot,
+    SpecDecodeSnapshot,
+    spec_decode_snapshot,
+)
 
 MAX_EVENT_BATCHES = 4096  # a poller further behind than this sees a gap and resynchronises
 
@@ -44,12 +53,21 @@ class EngineStats:
     num_preemptions: int
     num_finished_requests: int
     num_generated_tokens: int
-    num_prompt_tokens: int
+    num_prompt_tokens: int  # of requests when first scheduled (engine/metrics.py)
+    queue_time: HistogramSnapshot = HistogramSnapshot.empty(QUEUE_TIME_BUCKETS_S)  # seconds
+    spec_decode: SpecDecodeSnapshot = SpecDecodeSnapshot()
+    kv_transfer: KVTransferSnapshot = KVTransferSnapshot(
+        0, 0, HistogramSnapshot.empty(TRANSFER_TIME_BUCKETS_S)
+    )
 
 
 class EngineHost:
-    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+    def __init__(
+        self, engine: LLMEngine, name: str = "engine", kv_transfer: KVTransferMetrics | None = None
+    ) -> None:
         self.engine = engine
+        # The worker records its KV transfers here (prefill: sent, decode: received); stats() reports them.
+        self.kv_transfer = kv_transfer if kv_transfer is not None else KVTransferMetrics()
         self.after_step: Callable[[], bool] | None = None  # worker hook; returns True while it has work
         self._queues: dict[str, queue.Queue[RequestOutput]] = {}
         self._lock = threading.Lock()
@@ -57,8 +75,6 @@ class EngineHost:
         self._next_seq = 1
         self._finished = 0
         self._generated = 0
-        self._prompt_tokens = 0
-        self._preemptions = 0
         self.loop = EngineLoop(self._step, name=f"{name}-loop")
 
     def start(self) -> None:
@@ -127,8 +143,11 @@ class EngineHost:
             kv_cache_usage=kv.pool.usage(),
             prefix_cache_queries=kv.prefix_queries_tokens,
             prefix_cache_hits=kv.prefix_hit_tokens,
-            num_preemptions=sum(r.num_preemptions for r in eng.requests.values()),
+            num_preemptions=eng.metrics.num_preemptions,
             num_finished_requests=self._finished,
             num_generated_tokens=self._generated,
-            num_prompt_tokens=self._prompt_tokens,
+            num_prompt_tokens=eng.metrics.num_prompt_tokens,
+            queue_time=eng.metrics.queue_time.snapshot(),
+            spec_decode=spec_decode_snapshot(eng),
+            kv_transfer=self.kv_transfer.snapshot(),
         )

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.engine import LLMEngine
+from engine.metrics import KVTransferMetrics
 from engine.request import Request, RequestStatus
 from kv_transfer.base import KVSender, TransferHandle, TransferState
 
@@ -30,6 +31,8 @@ class PrefillOutcome:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_transferred_blocks: int
+    prefill_ms: float = 0.0  # admitted -> prompt computed and first token sampled
+    transfer_ms: float = 0.0  # first piece sent -> every block acknowledged (0: nothing to send)
 
 
 class PrefillFailed(Exception):
@@ -48,13 +51,18 @@ class _Job:
     sent_upto: int = 0  # prompt blocks [0, sent_upto) are sent (or cached on the decode side)
     last_sent: bool = False
     blocks_sent: int = 0
+    # time.monotonic() marks, for the request's trace and the transfer-time histogram.
+    admitted: float = field(default_factory=time.monotonic)
+    first_send: float | None = None
+    prompt_done: float | None = None
 
 
 class PrefillTransfers:
-    def __init__(self, engine: LLMEngine, sender: KVSender, kv_cache) -> None:
+    def __init__(self, engine: LLMEngine, sender: KVSender, kv_cache, metrics: KVTransferMetrics | None = None) -> None:
         self.engine = engine
         self.sender = sender
         self.kv_cache = kv_cache
+        self.metrics = metrics if metrics is not None else KVTransferMetrics()
         self.jobs: dict[str, _Job] = {}
 
     def add(self, req: Request, handle: TransferHandle, deadline: float) -> Future:
@@ -91,8 +99,12 @@ class PrefillTransfers:
         n_prompt_blocks = -(-req.num_prompt_tokens // bs)
         prompt_done = req.status == RequestStatus.SENDING_KV
         upto = n_prompt_blocks if prompt_done else min(req.num_computed_tokens, req.num_prompt_tokens) // bs
+        if prompt_done and job.prompt_done is None:
+            job.prompt_done = time.monotonic()
         if not job.last_sent and (upto > job.sent_upto or prompt_done):
             src = req.block_ids[job.sent_upto : upto]
+            if job.first_send is None:
+                job.first_send = time.monotonic()
             self.sender.send(job.handle, src, self.kv_cache, dst_block_offset=job.sent_upto - job.handle.first_block_index, last=prompt_done)
             job.blocks_sent += len(src)
             job.sent_upto = max(upto, job.sent_upto)
@@ -115,14 +127,21 @@ class PrefillTransfers:
     def _end(self, job: _Job, failure: PrefillFailed | None) -> None:
         req = job.req
         self.sender.release(job.handle)
+        now = time.monotonic()
+        transfer_s = now - job.first_send if job.first_send is not None else 0.0
         if failure is None:
+            self.metrics.on_success(transfer_s, job.blocks_sent * job.handle.layout.block_bytes)
             outcome = PrefillOutcome(
                 first_token_id=req.output_token_ids[0],
                 first_logprob=req.output_logprobs[0] if req.output_logprobs else None,
                 num_prompt_tokens=req.num_prompt_tokens,
                 num_cached_tokens=req.num_cached_tokens,
                 num_transferred_blocks=job.blocks_sent,
+                prefill_ms=((job.prompt_done or now) - job.admitted) * 1000,
+                transfer_ms=transfer_s * 1000,
             )
+        elif failure.code == "TRANSFER_FAILED" or (failure.code == "DEADLINE_EXCEEDED" and job.first_send is not None):
+            self.metrics.on_failure()  # an abort, or a deadline before any KV moved, is no transfer failure
         if req.status == RequestStatus.SENDING_KV:
             self.engine.release(req)  # blocks back to the prefix cache
         else:

@@ -21,6 +21,7 @@ from baton.convert import (
     worker_info,
 )
 from baton.grpc_auth import SecretAuthInterceptor
+from baton.tracing import request_id_from_metadata
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from kv_transfer.wire import handle_from_kv_target
 from prefill_worker.scheduler import PrefillFailed
@@ -56,11 +57,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             out = w.prefill(request.request_id, prompt, sampling, handle, deadline)
         except Exception as e:
             return worker_pb2.PrefillResponse(error=_error(e))
+        log.info(
+            "prefill %s (request %s): prompt_tokens=%d cached_tokens=%d blocks_sent=%d prefill_ms=%.1f transfer_ms=%.1f D=%s",
+            request.request_id, request_id_from_metadata(context.invocation_metadata()) or "-", out.num_prompt_tokens,
+            out.num_cached_tokens, out.num_transferred_blocks, out.prefill_ms, out.transfer_ms, request.kv_target.decode_worker_id,
+        )  # fmt: skip
         result = worker_pb2.PrefillResult(
             first_token_id=out.first_token_id,
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
             num_transferred_blocks=out.num_transferred_blocks,
+            prefill_ms=out.prefill_ms,
+            transfer_ms=out.transfer_ms,
         )
         first, top = logprob_to_proto(out.first_token_id, out.first_logprob)
         if first is not None:

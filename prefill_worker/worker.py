@@ -9,6 +9,7 @@ import uuid
 from engine.builder import load_engine
 from engine.config import CacheConfig, SchedulerConfig
 from engine.host import EngineHost
+from engine.metrics import KVTransferMetrics
 from engine.sampling.params import SamplingParams
 from kv_transfer.base import KVLayout, KVSender, TransferHandle
 from prefill_worker.config import PrefillWorkerConfig
@@ -54,8 +55,9 @@ class PrefillWorker:
         self.kv_cache = self.engine.runner.kv_cache
         self.layout = KVLayout.of(self.kv_cache)
         self.sender = make_sender(config.transport, self.kv_cache.device, config.secret, self.worker_id, config.host, loopback_hub)
-        self.transfers = PrefillTransfers(self.engine, self.sender, self.kv_cache)
-        self.host = EngineHost(self.engine, name=self.worker_id)
+        transfer_metrics = KVTransferMetrics()  # recorded by the transfers, reported by the host's stats
+        self.transfers = PrefillTransfers(self.engine, self.sender, self.kv_cache, transfer_metrics)
+        self.host = EngineHost(self.engine, name=self.worker_id, kv_transfer=transfer_metrics)
         self.host.after_step = self.transfers.after_step
         self.draining = False
         self.host.start()

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from baton.tracing import TraceExporter
 from router.backend import GenerationBackend
 from router.config import RouterConfig
 from router.errors import RouterError
@@ -32,8 +33,17 @@ from router.validation import check_model
 log = logging.getLogger(__name__)
 
 
-def create_app(config: RouterConfig, backend: GenerationBackend, store: PlacementStore, tokenizer) -> FastAPI:
-    metrics = RouterMetrics(config.served_model_name)
+def create_app(
+    config: RouterConfig,
+    backend: GenerationBackend,
+    store: PlacementStore,
+    tokenizer,
+    tracer: TraceExporter | None = None,
+) -> FastAPI:
+    """``tracer`` defaults to OTLP export to ``config.otlp_endpoint`` (off when empty)."""
+    if tracer is None:
+        tracer = TraceExporter.from_endpoint(config.otlp_endpoint)
+    metrics = RouterMetrics(config.served_model_name, tracer)
     handlers = OpenAIHandlers(config, backend, tokenizer, metrics)
     created = int(time.time())
 
@@ -45,6 +55,7 @@ def create_app(config: RouterConfig, backend: GenerationBackend, store: Placemen
         finally:
             await backend.close()
             await store.close()
+            tracer.shutdown()
 
     app = FastAPI(title="Baton router", version=config.version, lifespan=lifespan)
     app.state.metrics = metrics

@@ -5,7 +5,8 @@ in-process fake. Front ends only see this module's types.
 
 Contract of ``GenerationBackend.generate``:
 - yields ``TokenEvent``s of ONE sequence (n is handled by the router: one call per choice);
-- the first event carries ``num_cached_tokens`` and ``route``; the last one carries ``finish_reason``;
+- the first event carries ``num_cached_tokens``, ``route`` (and ``timing`` when measured); the last one
+  carries ``finish_reason``;
 - never yields more than ``sampling.max_tokens`` tokens in total;
 - raises ``BackendError`` on failure (before or during the stream);
 - when the consumer stops iterating early, it must call ``abort(request_id)``: closing the iterator
@@ -18,6 +19,8 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
+
+from baton.tracing import SequenceTiming
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,10 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    request_id: str
+    request_id: str  # of this sequence, unique
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingOptions
+    trace_id: str = ""  # the client request it belongs to (sent to workers as x-request-id); "": request_id
 
 
 class FinishReason(enum.StrEnum):
@@ -80,6 +84,7 @@ class TokenEvent:
     stop_token_id: int | None = None  # the EOS / stop token that ended the sequence, if any
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (first event)
     route: Route | None = None  # first event
+    timing: SequenceTiming | None = None  # first event, when the backend measures its phases
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from baton.grpc_auth import aio_channel
+from baton.tracing import SequenceTiming, request_id_metadata
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router.backend import BackendError, BackendErrorKind, GenerateRequest, ModelInfo, Route, TokenEvent
 from router.placement.base import PlacementStore, WorkerRecord
@@ -108,6 +109,7 @@ class _Active:
     worker_request_id: str
     decode_address: str
     prefill_address: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # x-request-id of the client request
 
 
 @dataclass
@@ -180,8 +182,9 @@ class ClusterBackend:
         try:
             for attempt in range(self.config.max_attempts):
                 pairing = await self._place(request, excluded)
+                placed = time.monotonic()
                 try:
-                    async for event in self._run(request, pairing, state, attempt):
+                    async for event in self._run(request, pairing, state, attempt, placed):
                         state.emitted.extend(event.token_ids)
                         yield event
                         if event.finish_reason is not None:
@@ -224,14 +227,15 @@ class ClusterBackend:
             raise BackendError(BackendErrorKind.UNAVAILABLE, f"placement store error: {err}") from err
 
     async def _run(
-        self, request: GenerateRequest, pairing: Pairing, state: _Attempt, attempt: int
+        self, request: GenerateRequest, pairing: Pairing, state: _Attempt, attempt: int, placed: float
     ) -> AsyncIterator[TokenEvent]:
         cfg = self.config
         d = pairing.decode
         # Resuming after streamed tokens: the new D prefills prompt + those tokens itself.
         prefill = pairing.prefill if not state.emitted else None
         worker_request_id = request.request_id if attempt == 0 else f"{request.request_id}#{attempt}"
-        active = _Active(worker_request_id, d.address)
+        metadata = request_id_metadata(request.trace_id or request.request_id)
+        active = _Active(worker_request_id, d.address, metadata=metadata)
         self._active[request.request_id] = active
         sampling = sampling_to_proto(request.sampling)
         decode_stub = worker_pb2_grpc.DecodeServiceStub(self._channel(d.address))
@@ -243,12 +247,15 @@ class ClusterBackend:
             output_token_ids=state.emitted,
         )
         try:
-            reserved = await decode_stub.Reserve(reserve_req, timeout=cfg.reserve_timeout_s)
+            reserved = await decode_stub.Reserve(
+                reserve_req, timeout=cfg.reserve_timeout_s, metadata=metadata
+            )
         except grpc.aio.AioRpcError as err:
             raise _from_rpc(err, d.worker_id, "Reserve") from None
         if reserved.WhichOneof("outcome") != "handle":
             raise _from_error(reserved.error, d.worker_id, "Reserve")
         route = Route(d.worker_id, prefill.worker_id if prefill else None)
+        timing = SequenceTiming(placed=placed, reserved=time.monotonic(), attempts=attempt + 1)
 
         decode_req = worker_pb2.DecodeRequest(
             request_id=worker_request_id,
@@ -257,7 +264,15 @@ class ClusterBackend:
         )
         if prefill is not None:
             active.prefill_address = prefill.address
-            first = await self._prefill(request, prefill, worker_request_id, sampling, reserved.handle)
+            first = await self._prefill(
+                request, prefill, worker_request_id, sampling, reserved.handle, metadata
+            )
+            timing = replace(
+                timing,
+                prefill_done=time.monotonic(),
+                prefill_ms=first.prefill_ms,
+                transfer_ms=first.transfer_ms,
+            )
             decode_req.first_token_id = first.first_token_id
             if first.HasField("first_token_logprob"):
                 decode_req.first_token_logprob.CopyFrom(first.first_token_logprob)
@@ -270,9 +285,10 @@ class ClusterBackend:
                 logprobs=_first_logprobs(first),
                 num_cached_tokens=first.num_cached_tokens,
                 route=route,
+                timing=timing,
             )
 
-        call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s)
+        call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s, metadata=metadata)
         try:
             async for response in call:
                 if response.WhichOneof("payload") != "chunk":
@@ -288,7 +304,7 @@ class ClusterBackend:
                     ) from None
                 if not state.route_sent:
                     state.route_sent = True
-                    event = replace(event, route=route)
+                    event = replace(event, route=route, timing=timing)
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -304,6 +320,7 @@ class ClusterBackend:
         worker_request_id: str,
         sampling: common_pb2.SamplingParams,
         target: worker_pb2.KVTarget,
+        metadata: tuple[tuple[str, str], ...],
     ) -> worker_pb2.PrefillResult:
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
         req = worker_pb2.PrefillRequest(
@@ -314,7 +331,7 @@ class ClusterBackend:
             deadline_ms=_deadline_ms(self.config.prefill_timeout_s),
         )
         try:
-            response = await stub.Prefill(req, timeout=self.config.prefill_timeout_s)
+            response = await stub.Prefill(req, timeout=self.config.prefill_timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as err:
             raise _from_rpc(err, prefill.worker_id, "Prefill") from None
         if response.WhichOneof("outcome") != "result":
@@ -345,7 +362,9 @@ class ClusterBackend:
         req = worker_pb2.AbortRequest(request_id=active.worker_request_id, reason="cancelled by the router")
         for stub_cls, address in calls:
             try:
-                await stub_cls(self._channel(address)).Abort(req, timeout=self.config.control_timeout_s)
+                await stub_cls(self._channel(address)).Abort(
+                    req, timeout=self.config.control_timeout_s, metadata=active.metadata
+                )
             except grpc.aio.AioRpcError as err:
                 log.warning("Abort of %s on %s failed: %s", request_id, address, err.code().name)
 

@@ -20,6 +20,7 @@ class RouterConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     default_max_tokens: int | None = None  # None: up to the context limit
     request_timeout_s: float = 600.0  # whole-request deadline; the stream errors out after it
+    otlp_endpoint: str = ""  # export request traces as OpenTelemetry spans here (BATON_OTLP_ENDPOINT)
     version: str = "0.1.0"
 
     def __post_init__(self) -> None:

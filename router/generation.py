@@ -181,7 +181,7 @@ async def generate_choices(
             async with aclosing(backend.generate(choice.spec.request)) as events:
                 async for ev in events:
                     if ev.route is not None:
-                        tracker.on_route(ev.route.decision)
+                        tracker.on_route(ev.route, ev.timing)
                     delta = choice.on_event(ev)
                     if choice.finished_by_backend:
                         unfinished.discard(request_id)

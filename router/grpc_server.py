@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from baton.tracing import valid_request_id
 from baton.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.backend import FinishReason, GenerationBackend, SamplingOptions
 from router.config import RouterConfig
@@ -134,6 +135,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 max_tokens_param="max_tokens",
                 max_model_len=self.max_model_len,
                 default_max_tokens=self.config.default_max_tokens,
+                trace_id=rid if valid_request_id(rid) else None,
             )
         except RouterError as err:
             await context.abort(_STATUS.get(err.status, grpc.StatusCode.INTERNAL), _describe(err))
@@ -142,7 +144,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         opts = TextOptions(
             tuple(request.stop), request.include_stop_str_in_output, not request.keep_special_tokens
         )
-        tracker = self.metrics.track()
+        tracker = self.metrics.track(specs[0].request.trace_id, len(specs))
         stream = generate_choices(
             self.backend, self.tokenizer, specs, opts, tracker, self.config.request_timeout_s
         )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from baton.tracing import REQUEST_ID_KEY, valid_request_id
 from router.backend import GenerationBackend, SamplingOptions
 from router.config import RouterConfig
 from router.errors import RouterError, invalid
@@ -82,6 +83,13 @@ async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -
     return (True, outcome[0]) if outcome else (False, None)
 
 
+def client_request_id(request: Request) -> str | None:
+    """The client's ``X-Request-Id`` when it is a valid id (it names the request's trace), else None.
+    Worker-facing request ids stay generated, so clients reusing an id never collide on a worker."""
+    value = request.headers.get(REQUEST_ID_KEY)
+    return value if valid_request_id(value) else None
+
+
 class OpenAIHandlers:
     def __init__(
         self, config: RouterConfig, backend: GenerationBackend, tokenizer, metrics: RouterMetrics
@@ -140,7 +148,7 @@ class OpenAIHandlers:
         )
         top = req.top_logprobs or 0
         sampling = self._sampling(req, logprobs=bool(req.logprobs), top_logprobs=top)
-        specs = self._specs([prompt_ids], requested, param, sampling, req.n)
+        specs = self._specs([prompt_ids], requested, param, sampling, req.n, client_request_id(request))
         formatter = ChatFormatter(
             self.config.served_model_name,
             len(specs),
@@ -159,7 +167,9 @@ class OpenAIHandlers:
             raise invalid("`prompt` encodes to no tokens.", "prompt")
         k = req.logprobs
         sampling = self._sampling(req, logprobs=k is not None, top_logprobs=k or 0)
-        specs = self._specs(prompts, req.max_tokens, "max_tokens", sampling, req.n)
+        specs = self._specs(
+            prompts, req.max_tokens, "max_tokens", sampling, req.n, client_request_id(request)
+        )
         echo = None
         if req.echo:
             echo = [self.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens) for p in prompts]
@@ -205,6 +215,7 @@ class OpenAIHandlers:
         param: str,
         sampling: SamplingOptions,
         n: int | None,
+        trace_id: str | None,
     ) -> list[ChoiceSpec]:
         return build_specs(
             prompts,
@@ -214,13 +225,14 @@ class OpenAIHandlers:
             max_tokens_param=param,
             max_model_len=self.max_model_len,
             default_max_tokens=self.config.default_max_tokens,
+            trace_id=trace_id,
         )
 
     async def _serve(
         self, request: Request, req: SamplingFields, specs: list[ChoiceSpec], fmt: Formatter
     ) -> Response:
         opts = TextOptions(stop_strings(req.stop), req.include_stop_str_in_output, req.skip_special_tokens)
-        tracker = self.metrics.track()
+        tracker = self.metrics.track(specs[0].request.trace_id, len(specs))
         stream = generate_choices(
             self.backend, self.tokenizer, specs, opts, tracker, self.config.request_timeout_s
         )

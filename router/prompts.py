@@ -57,9 +57,11 @@ def build_specs(
     max_model_len: int,
     default_max_tokens: int | None,
     request_id: str | None = None,
+    trace_id: str | None = None,
 ) -> list[ChoiceSpec]:
     """``len(prompts) * n`` choices; choice ``p * n + j`` is sample ``j`` of prompt ``p``. With a seed,
-    sample ``j`` uses ``seed + j`` so choices differ yet stay reproducible."""
+    sample ``j`` uses ``seed + j`` so choices differ yet stay reproducible. Every choice carries the
+    client request's ``trace_id`` (default: the generated base id)."""
     base_id = request_id or uuid.uuid4().hex
     specs = []
     for p_idx, prompt_ids in enumerate(prompts):
@@ -75,7 +77,10 @@ def build_specs(
             seed = None if sampling.seed is None else _wrap_int64(sampling.seed + j)
             index = p_idx * n + j
             request = GenerateRequest(
-                f"{base_id}-{index}", tuple(prompt_ids), replace(sampling, max_tokens=max_tokens, seed=seed)
+                f"{base_id}-{index}",
+                tuple(prompt_ids),
+                replace(sampling, max_tokens=max_tokens, seed=seed),
+                trace_id=trace_id or base_id,
             )
             specs.append(ChoiceSpec(index=index, prompt_index=p_idx, request=request))
     return specs

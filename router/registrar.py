@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -33,6 +33,7 @@ class WorkerRegistrar:
         poll_interval_s: float = 2.0,
         timeout_s: float = 2.0,
         secret: str = "",
+        on_info: Callable[[common_pb2.WorkerInfo], None] | None = None,
     ) -> None:
         if not 0 < poll_interval_s < ttl_s:
             raise ValueError("poll_interval_s must be positive and below ttl_s, or live workers would expire")
@@ -41,6 +42,8 @@ class WorkerRegistrar:
         self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
         self.secret = secret
+        # Sees every validated WorkerInfo (e.g. ``RouterMetrics.workers.observe``: the cluster view).
+        self.on_info = on_info
         self._event_seq: dict[str, int] = {}  # worker id -> last KV event sequence applied
 
     def forget(self, worker_id: str) -> None:
@@ -53,7 +56,16 @@ class WorkerRegistrar:
 
     async def publish_info(self, info: common_pb2.WorkerInfo) -> bool:
         """Heartbeat with current load; False when the worker was not live before."""
-        return await self.store.heartbeat(record_from_proto(info), self.ttl_s)
+        live = await self.store.heartbeat(record_from_proto(info), self.ttl_s)
+        self._observe(info)
+        return live
+
+    def _observe(self, info: common_pb2.WorkerInfo) -> None:
+        if self.on_info is not None:
+            try:
+                self.on_info(info)
+            except Exception:  # an observer's bug must not stop registration
+                log.exception("WorkerInfo observer failed")
 
     async def publish_kv_event(self, event: common_pb2.KVEvent) -> bool:
         return await self.store.apply_kv_event(event_from_proto(event))
@@ -91,6 +103,7 @@ class WorkerRegistrar:
                 # New (or expired and back): a fresh entry with an empty prefix index.
                 await self.store.register(record, self.ttl_s)
                 self._event_seq.pop(record.worker_id, None)
+            self._observe(info)
             await self._pull_events(stub_cls(channel), record.worker_id)
             return True
         except (grpc.aio.AioRpcError, ValueError) as err:

@@ -47,6 +47,7 @@ class ServerSettings:
     grpc_port: int
     policy: str
     local_prefill_threshold: int
+    otlp_endpoint: str = ""  # BATON_OTLP_ENDPOINT: request traces as OpenTelemetry spans
 
 
 def parse_workers(spec: str) -> tuple[tuple[str, WorkerRole], ...]:
@@ -110,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         grpc_port=s.grpc_port,
         policy=s.routing_policy,
         local_prefill_threshold=64 if s.local_prefill_threshold is None else s.local_prefill_threshold,
+        otlp_endpoint=s.otlp_endpoint,
     )
 
 
@@ -122,7 +124,7 @@ async def serve(s: ServerSettings) -> None:
         s.model_fingerprint, s.block_size, s.max_model_len, vocab_size=tokenizer.vocab_size
     )
     backend = ClusterBackend(cluster, store, make_policy(s.policy, s.local_prefill_threshold))
-    config = RouterConfig(s.served_model_name, max_model_len=s.max_model_len)
+    config = RouterConfig(s.served_model_name, max_model_len=s.max_model_len, otlp_endpoint=s.otlp_endpoint)
     app = create_app(config, backend, store, tokenizer)
     http = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.http_port, log_level="info"))
     http.install_signal_handlers = lambda: None  # signals are handled below, for both servers
@@ -141,7 +143,8 @@ async def serve(s: ServerSettings) -> None:
         port = await grpc_server.start(f"{s.host}:{s.grpc_port}")
         log.info("router serving HTTP on %s:%d and gRPC on %s:%d", s.host, s.http_port, s.host, port)
         if s.workers:
-            tasks.append(asyncio.create_task(WorkerRegistrar(store).poll(s.workers)))
+            registrar = WorkerRegistrar(store, on_info=app.state.metrics.workers.observe)  # cluster view
+            tasks.append(asyncio.create_task(registrar.poll(s.workers)))
         await stop.wait()
     finally:
         for task in tasks:

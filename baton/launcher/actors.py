@@ -32,6 +32,7 @@ class WorkerSpec:
     gpu_memory_utilization: float = 0.9
     transport: str = "auto"
     seed: int = 0
+    metrics_port: int | None = None  # Prometheus /metrics of this worker: None off, 0 a free port
 
 
 class WorkerActor:
@@ -64,6 +65,16 @@ class WorkerActor:
         else:
             raise ValueError(f"unknown worker role {spec.role!r}")
         self.server, self.address = serve(self.worker, spec.host, spec.grpc_port, spec.secret)
+        self.metrics = None
+        if spec.metrics_port is not None:
+            from baton.convert import worker_info
+            from baton.v1 import common_pb2
+            from baton.worker_metrics import serve_worker_metrics
+
+            role = common_pb2.WORKER_ROLE_PREFILL if spec.role == "prefill" else common_pb2.WORKER_ROLE_DECODE
+            kv_address = getattr(self.worker, "kv_address", "")
+            snapshot = lambda: worker_info(self.worker, role, self.address, kv_address)  # noqa: E731
+            self.metrics = serve_worker_metrics(snapshot, spec.host, spec.metrics_port)
 
     def ready(self) -> dict:
         """Identity of this incarnation (plain values only)."""
@@ -73,6 +84,7 @@ class WorkerActor:
             "role": self.spec.role,
             "address": self.address,
             "kv_address": getattr(w, "kv_address", ""),
+            "metrics_address": self.metrics.address if self.metrics is not None else "",
             "fingerprint": w.fingerprint,
             "model_name": w.source.name,
             "tokenizer_dir": w.source.tokenizer_dir or "",
@@ -98,5 +110,7 @@ class WorkerActor:
         return {"running": s.num_running, "waiting": s.num_waiting, "pending": len(getattr(self.worker, "transfers", None).jobs) if hasattr(self.worker, "transfers") else len(self.worker.reservations.by_id)}
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.server.stop(grace=1).wait()
         self.worker.close()

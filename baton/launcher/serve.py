@@ -86,6 +86,7 @@ async def serve(opts: ServeOptions) -> int:
         block_size=s.block_size, max_model_len=s.max_model_len or 4096, max_num_seqs=s.max_num_seqs or 64,
         max_num_batched_tokens=s.max_num_batched_tokens, num_kv_blocks=opts.num_kv_blocks,
         gpu_memory_utilization=s.gpu_memory_utilization, transport=s.kv_transport,
+        metrics_port=0,  # several workers per host: free ports (ready() reports them); the router shows all
     )
     controller = ClusterController(base, num_gpus_per_worker=gpus, role_resources=s.ray_role_resources)
     store: PlacementStore = (
@@ -118,8 +119,9 @@ async def serve(opts: ServeOptions) -> int:
             store,
             make_policy(s.routing_policy, 64 if s.local_prefill_threshold is None else s.local_prefill_threshold),
         )
-        config = RouterConfig(first["model_name"], max_model_len=first["max_model_len"])
+        config = RouterConfig(first["model_name"], max_model_len=first["max_model_len"], otlp_endpoint=s.otlp_endpoint)
         app = create_app(config, backend, store, tokenizer)
+        registrar.on_info = app.state.metrics.workers.observe  # worker snapshots in the router's /metrics
         add_admin_routes(app, controller, secret)
         http = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.http_port, log_level="warning"))
         http.install_signal_handlers = lambda: None

@@ -47,6 +47,7 @@ async def run_worker(s: Settings, role: str) -> int:
         grpc_port=s.worker_grpc_port, kv_port=s.kv_port, block_size=s.block_size, max_model_len=s.max_model_len or 4096,
         max_num_seqs=s.max_num_seqs or 64, max_num_batched_tokens=s.max_num_batched_tokens,
         gpu_memory_utilization=s.gpu_memory_utilization, transport=s.kv_transport,
+        metrics_port=s.metrics_port,  # one worker per container: the chart's PodMonitor scrapes this port
     )
     actor = await asyncio.to_thread(WorkerActor, spec)
     info = actor.ready()
@@ -101,7 +102,7 @@ async def run_router(s: Settings, fingerprint: str | None) -> int:
         ClusterConfig(first.model_fingerprint, first.block_size, first.max_model_len, vocab_size=tokenizer.vocab_size, secret=s.resolved_secret()),
         store, make_policy(s.routing_policy, threshold),
     )
-    config = RouterConfig(first.model_name or source.name, max_model_len=first.max_model_len)
+    config = RouterConfig(first.model_name or source.name, max_model_len=first.max_model_len, otlp_endpoint=s.otlp_endpoint)
     app = create_app(config, backend, store, tokenizer)
     http = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.http_port, log_level=s.log_level))
     http.install_signal_handlers = lambda: None

@@ -81,6 +81,9 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
             self.worker_id, common_pb2.WORKER_ROLE_DECODE, self.address, num_running=len(self.reservations)
         )
 
+    async def GetKVEvents(self, request, context):
+        return no_kv_events(request)
+
 
 @dataclass
 class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
@@ -112,6 +115,14 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
 
     async def GetInfo(self, request, context):
         return info(self.worker_id, common_pb2.WORKER_ROLE_PREFILL, self.address)
+
+    async def GetKVEvents(self, request, context):
+        return no_kv_events(request)
+
+
+def no_kv_events(request: worker_pb2.KVEventsRequest) -> worker_pb2.KVEventsResponse:
+    """The fakes cache nothing: no prefix-cache events, none lost."""
+    return worker_pb2.KVEventsResponse(oldest_sequence=request.after_sequence + 1)
 
 
 def info(worker_id: str, role: int, address: str, **kw) -> common_pb2.WorkerInfo:
