@@ -33,6 +33,10 @@ class WorkerSpec:
     transport: str = "auto"
     seed: int = 0
     metrics_port: int | None = None  # Prometheus /metrics of this worker: None off, 0 a free port
+    speculative: str | None = None  # decode only: None | "ngram" | "draft" (decode_worker.config)
+    draft_model: str | None = None  # decode only, with speculative="draft"; None: the target model
+    num_speculative_tokens: int = 8
+    prefill_chunk_tokens: int | None = None  # longest prefill chunk per step (None: the worker default)
 
 
 class WorkerActor:
@@ -50,6 +54,10 @@ class WorkerActor:
         )
         if spec.max_num_batched_tokens:
             common["max_num_batched_tokens"] = spec.max_num_batched_tokens
+        if spec.prefill_chunk_tokens:
+            common["prefill_chunk_tokens"] = spec.prefill_chunk_tokens
+            # A step must fit the chunk, or a long prompt could never run unchunked.
+            common["max_num_batched_tokens"] = max(common.get("max_num_batched_tokens", 0), spec.prefill_chunk_tokens)
         if spec.role == "prefill":
             from prefill_worker.config import PrefillWorkerConfig
             from prefill_worker.service import serve
@@ -61,7 +69,8 @@ class WorkerActor:
             from decode_worker.service import serve
             from decode_worker.worker import DecodeWorker
 
-            self.worker = DecodeWorker(DecodeWorkerConfig(**common, kv_port=spec.kv_port))
+            spec_opts = dict(speculative=spec.speculative, draft_model=spec.draft_model, num_speculative_tokens=spec.num_speculative_tokens)
+            self.worker = DecodeWorker(DecodeWorkerConfig(**common, kv_port=spec.kv_port, **spec_opts))
         else:
             raise ValueError(f"unknown worker role {spec.role!r}")
         self.server, self.address = serve(self.worker, spec.host, spec.grpc_port, spec.secret)

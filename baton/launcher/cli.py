@@ -26,6 +26,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-policy", default=None, help="cache-aware | least-loaded | round-robin")
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks per worker (default: from memory)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="longest prefill chunk per step, in tokens (chunked prefill)")
     p.add_argument("--dashboard", action="store_true", default=None, help="start the Ray dashboard (off by default)")
 
 
@@ -46,7 +47,7 @@ def cmd_serve(args: argparse.Namespace, join_existing: bool = False) -> int:
     from baton.launcher.serve import ServeOptions, serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opts = ServeOptions(_settings(args), num_kv_blocks=args.num_kv_blocks, join_existing=join_existing)
+    opts = ServeOptions(_settings(args), num_kv_blocks=args.num_kv_blocks, prefill_chunk_tokens=args.prefill_chunk, join_existing=join_existing)
     return asyncio.run(serve(opts))
 
 

@@ -42,6 +42,7 @@ class ServeOptions:
     settings: Settings
     device: str | None = None  # None: cuda when visible
     num_kv_blocks: int | None = None
+    prefill_chunk_tokens: int | None = None
     join_existing: bool = False  # baton up: RAY_ADDRESS must name a running cluster
 
 
@@ -85,6 +86,7 @@ async def serve(opts: ServeOptions) -> int:
         role="decode", worker_id="", model=spec_name, secret=secret, dtype=s.dtype, host=s.host,
         block_size=s.block_size, max_model_len=s.max_model_len or 4096, max_num_seqs=s.max_num_seqs or 64,
         max_num_batched_tokens=s.max_num_batched_tokens, num_kv_blocks=opts.num_kv_blocks,
+        prefill_chunk_tokens=opts.prefill_chunk_tokens,
         gpu_memory_utilization=s.gpu_memory_utilization, transport=s.kv_transport,
         metrics_port=0,  # several workers per host: free ports (ready() reports them); the router shows all
     )

@@ -1,0 +1,110 @@
+"""Does disaggregation pay? Same ``long-mixed`` load (long prompts arriving among short chats) against:
+
+  split       1 prefill + 1 decode worker (each on its own GPU)
+  agg         2 aggregated replicas (decode workers that prefill locally, chunked prefill on)
+  agg-nochunk 2 aggregated replicas with chunked prefill off (a whole prompt in one step)
+
+Each configuration is a real ``baton serve``; the load is ``baton bench``. Reports p50/p99 ITL, TTFT
+and goodput per configuration, and the ratios the issue asks for.
+
+    python benchmarks/disagg_bench.py --model dummy:llama-3.2-1b --rate 4 --num-prompts 120 --out disagg.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+CONFIGS = {
+    "split": ["--num-prefill", "1", "--num-decode", "1"],
+    "agg": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", "512"],
+    "agg-nochunk": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", "16384"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port, gport = free_port(), free_port()
+    out = open(log, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "baton", "serve", "--model", model, "--port", str(port), "--grpc-port", str(gport),
+                             "--max-model-len", "16384", *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"baton serve exited: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except Exception:
+            time.sleep(1)
+    raise TimeoutError("baton serve did not become healthy")
+
+
+def bench(url: str, args, name: str, out_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "baton.bench", "--base-url", url, "--endpoint", "completions", "--dataset", "long-mixed",
+           "--num-prompts", str(args.num_prompts), "--request-rate", str(args.rate), "--ignore-eos", "--seed", "7",
+           "--short-input-len", str(args.short_in), "--short-output-len", str(args.short_out),
+           "--long-input-len", str(args.long_in), "--long-output-len", str(args.long_out), "--long-fraction", str(args.long_fraction),
+           "--percentile-metrics", "ttft,itl,tpot,e2el", "--metric-percentiles", "50,99",
+           "--goodput", f"ttft:{args.slo_ttft_ms}", f"tpot:{args.slo_tpot_ms}",
+           "--result-dir", str(out_dir), "--result-filename", f"{name}.json", "--no-plots", "--disable-progress", "--timeout", "300"]
+    subprocess.run(cmd, check=True)
+    return json.loads((out_dir / f"{name}.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="dummy:llama-3.2-1b")
+    ap.add_argument("--rate", type=float, default=4.0)
+    ap.add_argument("--num-prompts", type=int, default=120)
+    ap.add_argument("--short-in", type=int, default=256)
+    ap.add_argument("--short-out", type=int, default=128)
+    ap.add_argument("--long-in", type=int, default=8000)
+    ap.add_argument("--long-out", type=int, default=32)
+    ap.add_argument("--long-fraction", type=float, default=0.15)
+    ap.add_argument("--slo-ttft-ms", type=float, default=2000)
+    ap.add_argument("--slo-tpot-ms", type=float, default=50)
+    ap.add_argument("--configs", default="split,agg,agg-nochunk")
+    ap.add_argument("--out", default="bench_results/disagg.json")
+    args = ap.parse_args()
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.configs.split(","):
+        proc, url = serve(args.model, CONFIGS[name], out_dir / f"serve-{name}.log")
+        try:
+            results[name] = bench(url, args, name, out_dir)
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    keys = ("p99_itl_ms", "p50_itl_ms", "p99_ttft_ms", "request_goodput", "output_throughput", "completed", "failed")
+    summary = {name: {k: r.get(k) for k in keys} for name, r in results.items()}
+    if "split" in summary and "agg" in summary:
+        summary["p99_itl_agg_over_split"] = summary["agg"]["p99_itl_ms"] / summary["split"]["p99_itl_ms"]
+    if "agg" in summary and "agg-nochunk" in summary:
+        summary["p99_itl_nochunk_over_chunk"] = summary["agg-nochunk"]["p99_itl_ms"] / summary["agg"]["p99_itl_ms"]
+    summary["load"] = vars(args)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
