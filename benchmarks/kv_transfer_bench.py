@@ -18,8 +18,12 @@ Two processes, one per GPU.
 SUCCESS is seen through the transports' blocking ``wait`` (woken when the state changes), and for one
 group through ``poll`` every 50 us, as a worker loop would; the timer slack of both roles' threads is
 lowered to 1 us (Linux) so sleeps and timeouts last what they ask. A few more transfers are traced
-(wall-clock stamps inside the transport) to show where the time goes. Prints a table last; writes
-every number as JSON.
+(wall-clock stamps inside the transport) to show where the time goes, and a few are counted: the calls
+from Python into torch on the sender's calling thread and the receiver's connection thread
+(kv_transfer/call_count.py), before the first send / receive is posted and after the last message
+arrived. Prints a table, then the headline (send() -> receiver SUCCESS at the default message size,
+contiguous ids, and its ratio to raw NCCL); writes every number as JSON. The whole run is bounded by
+``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +47,7 @@ MiB = 1 << 20
 SECRET = "kv-transfer-bench"
 PATTERNS = ("contiguous", "scattered")
 TRACED = 5  # traced transfers after the timed ones (default message size, contiguous)
+COUNTED = 3  # counted transfers per pattern, last (calls into torch; the counting slows them down)
 POLL_S = 50e-6  # the polled run's interval
 
 
@@ -76,7 +82,23 @@ def _plan(args) -> list[dict]:
     plan.append(
         {"name": "trace", "mib": default_mib, "pattern": "contiguous", "how": "wait", "count": TRACED}
     )
+    for pattern in PATTERNS:
+        plan.append(
+            {
+                "name": f"count-{pattern}",
+                "mib": default_mib,
+                "pattern": pattern,
+                "how": "wait",
+                "count": COUNTED,
+            }
+        )
     return plan
+
+
+def _default_mib() -> int:
+    from kv_transfer.dist_sender import DEFAULT_MAX_MESSAGE_BYTES
+
+    return DEFAULT_MAX_MESSAGE_BYTES // MiB
 
 
 def _until_terminal(side, handle, how: str) -> None:
@@ -118,21 +140,32 @@ def block_fingerprint(kv_cache, block_ids) -> int:
 
 
 class Tracer:
-    """Wall-clock stamps of a few transfers at points inside the transport (methods wrapped in place).
+    """Wall-clock stamps of a few transfers at points inside the transport (methods wrapped in place),
+    and call counts of a few others.
 
-    Only handles in ``handle_ids`` are stamped, so the timed transfers run unwrapped code paths but
-    for one set lookup per call.
+    Only handles in ``handle_ids`` are stamped and only those in ``counted_ids`` counted, so the timed
+    transfers run unwrapped code paths but for one set lookup per call.
     """
 
-    def __init__(self, handle_ids: set[str]) -> None:
+    def __init__(self, handle_ids: set[str], counted_ids: set[str]) -> None:
         self.handle_ids = handle_ids
+        self.counted_ids = counted_ids
         self.events: list[tuple[str, str, float]] = []
+        self.counters: dict[str, object] = {}  # handle id -> CallCounter
+        self.current: str | None = None  # the handle whose piece the sender is posting
+        self._seen: dict[tuple[str, str], int] = {}
 
-    def mark(self, handle_id: str, label: str) -> None:
+    def mark(self, handle_id: str, label: str, numbered: bool = False) -> None:
         if handle_id in self.handle_ids:
+            if numbered:
+                index = self._seen[handle_id, label] = self._seen.get((handle_id, label), -1) + 1
+                label = f"{label} {index}"
             self.events.append((handle_id, label, time.time()))
+        counter = self.counters.get(handle_id)
+        if counter is not None and counter.active:
+            counter.mark(label)
 
-    def wrap(self, owner, name: str, key, before: str | None, after) -> None:
+    def wrap(self, owner, name: str, key, before: str | None, after, numbered: bool = False) -> None:
         """Stamp ``before`` on entry and ``after`` (a label, or a function of the arguments) on exit."""
         original = getattr(owner, name)
 
@@ -142,33 +175,116 @@ class Tracer:
                 self.mark(handle_id, before)
             result = original(*args, **kwargs)
             if after:
-                self.mark(handle_id, after if isinstance(after, str) else after(*args))
+                self.mark(handle_id, after if isinstance(after, str) else after(*args), numbered)
             return result
 
         setattr(owner, name, wrapped)
+
+    def count_calls(self, handle_id: str):
+        """Start counting this thread's calls into torch for ``handle_id`` (if it is a counted one)."""
+        from kv_transfer.call_count import CallCounter
+
+        if handle_id not in self.counted_ids:
+            return None
+        counter = self.counters[handle_id] = CallCounter().start()
+        return counter
 
     def install_sender(self) -> None:
         from kv_transfer.dist_sender import DistKVSender
         from kv_transfer.sender_link import SenderConnection
 
-        job_key = lambda _, job, *a: job.outgoing.handle.handle_id  # noqa: E731
-        self.wrap(DistKVSender, "gather_and_post", job_key, "posting", "all posted")
+        original_post, original_send = DistKVSender.post_piece, DistKVSender.send
+
+        def post_piece(sender, job, *args):
+            self.current = handle_id = job.outgoing.handle.handle_id
+            self.mark(handle_id, "posting")
+            try:
+                return original_post(sender, job, *args)
+            finally:
+                self.mark(handle_id, "all posted")
+                self.current = None
+
+        def send(sender, handle, *args, **kwargs):
+            counter = self.count_calls(handle.handle_id)
+            try:
+                return original_send(sender, handle, *args, **kwargs)
+            finally:
+                if counter is not None:
+                    counter.stop()
+
+        DistKVSender.post_piece, DistKVSender.send = post_piece, send
         self.wrap(SenderConnection, "send_header", lambda _, h, *a: h.handle_id, None, "header out")
+        self.wrap(SenderConnection, "post_messages", lambda *a, **k: self.current, None, "send posted")
         self.wrap(DistKVSender, "settle", lambda _, o, *a: o.handle.handle_id, "sender settles", None)
 
     def install_receiver(self) -> None:
         from kv_transfer.dist_receiver import _Connection
         from kv_transfer.reservations import ReservationTable
 
+        original_receive, original_finish = _Connection._receive_piece, ReservationTable.finish
+
+        def receive_piece(connection, header):
+            self.count_calls(header.handle_id)
+            self.mark(header.handle_id, "header in")
+            return original_receive(connection, header)
+
+        def finish(table, done, *args, **kwargs):
+            try:
+                return original_finish(table, done, *args, **kwargs)
+            finally:
+                self.mark(done.handle_id, "receiver SUCCESS")
+                counter = self.counters.get(done.handle_id)
+                if counter is not None:
+                    counter.stop()
+
+        _Connection._receive_piece, ReservationTable.finish = receive_piece, finish
         ticket_key = lambda _, t, *a: t.handle_id  # noqa: E731
-        self.wrap(_Connection, "_receive_piece", lambda _, h: h.handle_id, "header in", None)
-        self.wrap(_Connection, "_post_receives", lambda _, s, h: h.handle_id, None, "receives posted")
-        self.wrap(ReservationTable, "accept_header", lambda _, h, *a: h.handle_id, None, "header ok")
+        self.wrap(_Connection, "_post_receives", lambda _, v, h: h.handle_id, None, "receives posted")
+        self.wrap(ReservationTable, "accept_header", lambda _, h, *a, **k: h.handle_id, None, "header ok")
+        self.wrap(_Connection, "_wait", lambda _, w, h, d: h.handle_id, None, "message in", numbered=True)
         self.wrap(
             ReservationTable, "land_layers", ticket_key, None, lambda _, t, lo, hi: f"layers {hi} issued"
         )
         self.wrap(ReservationTable, "complete_piece", ticket_key, None, "piece landed")
-        self.wrap(ReservationTable, "finish", lambda _, d, *a: d.handle_id, None, "receiver SUCCESS")
+
+
+def _counts_by_group(plan: list[dict], handles: list, tracer: Tracer, role: str) -> dict:
+    """Per ``count-*`` group, where the calls into torch went in its last transfer."""
+    out, first = {}, 0
+    for config in plan:
+        first += config["count"]
+        counter = tracer.counters.get(handles[first - 1].handle_id)
+        if config["name"].startswith("count-") and counter is not None:
+            out[config["name"]] = _count_summary(role, counter)
+    return out
+
+
+def _count_summary(role: str, counter) -> dict:
+    """Calls on the critical path: before bytes can move, and (receiver) after the last message arrived."""
+    polls = counter.calls.count("_distributed_c10d.is_completed")  # the receiver's waits, a varying number
+    out = {"first_post_after": counter.first(), "total": len(counter.calls), "completion_polls": polls}
+    if role == "sender":
+        out["header_out_after"] = counter.at("header out")
+    else:
+        last_message = counter.at("message in", last=True)
+        success = counter.at("receiver SUCCESS")
+        if last_message is not None and success is not None:
+            out["after_last_message"] = success - last_message
+    out["by_name"] = counter.summary()
+    return out
+
+
+def _tracer(plan: list[dict], handles: list) -> Tracer:
+    """Stamps for the ``trace`` group's transfers, call counts for the ``count-*`` groups'."""
+    traced, counted, first = set(), set(), 0
+    for config in plan:
+        ids = {h.handle_id for h in handles[first : first + config["count"]]}
+        first += config["count"]
+        if config["name"] == "trace":
+            traced |= ids
+        elif config["name"].startswith("count-"):
+            counted |= ids
+    return Tracer(traced, counted)
 
 
 # ----------------------------------------------------------------------------------------- raw NCCL
@@ -241,7 +357,7 @@ def run_receiver(args) -> None:
             handles.append(receiver.reserve(name, dst, num_tokens, time.time() + 600))
             hows.append(config["how"])
         checked.append(handles[-1])
-    tracer = Tracer({h.handle_id for h in handles[-TRACED:]})
+    tracer = _tracer(plan, handles)
     tracer.install_receiver()
     _emit({"targets": [handle_to_kv_target(h).SerializeToString().hex() for h in handles]})
     success_at = []
@@ -257,6 +373,7 @@ def run_receiver(args) -> None:
             "success_at": success_at,
             "fingerprints": fingerprints,
             "trace": tracer.events,
+            "counts": _counts_by_group(plan, handles, tracer, "receiver"),
         }
     )
     receiver.close()
@@ -266,7 +383,7 @@ def _copy_ceilings(args, kv_cache, src_by_pattern: dict, device) -> dict:
     import torch
 
     from kv_transfer.base import gather_blocks
-    from kv_transfer.blocks import BlockMover
+    from kv_transfer.blocks import BlockMover, block_words
 
     def timed(fn) -> float:
         for _ in range(3):
@@ -281,9 +398,13 @@ def _copy_ceilings(args, kv_cache, src_by_pattern: dict, device) -> dict:
     piece = torch.empty(_cache_shape(args, args.num_blocks), dtype=kv_cache.dtype, device=device)
     other = torch.empty_like(piece)
     out = {"plain_copy_s": timed(lambda: other.copy_(piece))}
+    cache_words = block_words(kv_cache)
+    piece_words = block_words(piece, cache_words.dtype)
     for pattern, src in src_by_pattern.items():
         mover = BlockMover(src, device)
-        out[f"gather_{pattern}_s"] = timed(lambda m=mover: m.gather(kv_cache, piece, 0, args.num_layers))
+        out[f"gather_{pattern}_s"] = timed(
+            lambda m=mover: m.gather(cache_words, piece_words, 0, args.num_layers)
+        )
         out[f"index_select_{pattern}_s"] = timed(lambda s=src: gather_blocks(kv_cache, s))
     out["bytes"] = piece.numel() * piece.element_size()
     return out
@@ -316,7 +437,7 @@ def run_sender(args) -> None:
         handle_from_kv_target(worker_pb2.KVTarget.FromString(bytes.fromhex(t)), rid)
         for t, rid in zip(targets, request_ids, strict=True)
     ]
-    tracer = Tracer({h.handle_id for h in handles[-TRACED:]})
+    tracer = _tracer(plan, handles)
     tracer.install_sender()
     senders: dict[int, DistKVSender] = {}  # one per message size, each with its own link
     results, started, cursor = [], [], 0
@@ -353,7 +474,16 @@ def run_sender(args) -> None:
     for sender in senders.values():
         sender.close()
     ceilings = _copy_ceilings(args, kv_cache, src_by_pattern, device)
-    _emit({"raw": raw, "ours": results, "started_at": started, "ceilings": ceilings, "trace": tracer.events})
+    _emit(
+        {
+            "raw": raw,
+            "ours": results,
+            "started_at": started,
+            "ceilings": ceilings,
+            "trace": tracer.events,
+            "counts": _counts_by_group(plan, handles, tracer, "sender"),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------- orchestrator
@@ -366,9 +496,9 @@ def _summarize(args, sent: dict, received: dict) -> dict:
     payload = args.num_blocks * 2 * args.num_layers * args.block_size * args.num_kv_heads * args.head_dim * 2
     raw_same = raw_by_size.get(payload)
     rows, first = [], 0
-    for index, result in enumerate(sent["ours"]):
+    for result in sent["ours"]:
         begin, first = first, first + result["count"]
-        if result["name"] == "trace":
+        if result["name"] == "trace" or result["name"].startswith("count-"):
             continue
         # Same host, one wall clock: send() on the sender to SUCCESS seen on the receiver.
         receiver_s = [
@@ -382,7 +512,6 @@ def _summarize(args, sent: dict, received: dict) -> dict:
             "payload_bytes": payload,
             "receiver_median_s": statistics.median(receiver_s),
             "sender_median_s": statistics.median(result["sender_s"]),
-            "data_matches": received["fingerprints"][index] == result["fingerprint"],
             "receiver_s": receiver_s,
             "sender_s": result["sender_s"],
         }
@@ -391,8 +520,11 @@ def _summarize(args, sent: dict, received: dict) -> dict:
             row[f"{side}_gb_per_s"] = payload / seconds / 1e9
             row[f"{side}_ratio_to_raw"] = raw_same["median_s"] / seconds if raw_same else None
         rows.append(row)
-    trace = _trace_timeline(sent["trace"] + received["trace"])
-    return {
+    matches = [
+        got == result["fingerprint"]
+        for got, result in zip(received["fingerprints"], sent["ours"], strict=True)
+    ]
+    report = {
         "device": torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu (gloo rehearsal)",
         "backend": args.backend,
         "torch": torch.__version__,
@@ -404,10 +536,30 @@ def _summarize(args, sent: dict, received: dict) -> dict:
         "raw_nccl": sent["raw"],
         "ours": rows,
         "copy_ceilings": sent["ceilings"],
-        "trace_median_us": trace,
+        "trace_median_us": _trace_timeline(sent["trace"] + received["trace"]),
+        "torch_calls": {"sender": sent["counts"], "receiver": received["counts"]},
         "receiver_states": received["receiver_states"],
-        "data_matches": all(row["data_matches"] for row in rows)
-        and received["fingerprints"][-1] == sent["ours"][-1]["fingerprint"],
+        "data_matches": all(matches),
+    }
+    report["headline"] = _headline(rows, raw_same)
+    return report
+
+
+def _headline(rows: list[dict], raw_same: dict | None) -> dict | None:
+    """send() -> receiver SUCCESS at the default message size with contiguous ids, against raw NCCL."""
+    default_mib = _default_mib()
+    waited = [r for r in rows if r["pattern"] == "contiguous" and r["completion"] == "wait"]
+    row = next((r for r in waited if r["message_mib"] == default_mib), waited[0] if waited else None)
+    if row is None:
+        return None
+    return {
+        "group": row["group"],
+        "payload_bytes": row["payload_bytes"],
+        "message_mib": row["message_mib"],
+        "receiver_median_s": row["receiver_median_s"],
+        "raw_median_s": raw_same["median_s"] if raw_same else None,
+        "ratio_to_raw": row["receiver_ratio_to_raw"],
+        "goal_ratio": 0.80,
     }
 
 
@@ -469,6 +621,34 @@ def _print_table(args, report: dict) -> None:
     print(
         "ms/ratio: send() -> receiver SUCCESS; sender ms/ratio: send() -> sender SUCCESS; ratio = raw / ours"
     )
+    _print_counts(report["torch_calls"])
+    headline = report["headline"]
+    if headline is not None:
+        raw = f"{headline['raw_median_s'] * 1e3:.3f} ms" if headline["raw_median_s"] else "not measured"
+        ratio = f"{headline['ratio_to_raw']:.2f}" if headline["ratio_to_raw"] else "-"
+        print(
+            f"\nHEADLINE  send() -> receiver SUCCESS, {headline['payload_bytes'] / MiB:.0f} MiB, contiguous ids, "
+            f"{headline['message_mib']} MiB messages: {headline['receiver_median_s'] * 1e3:.3f} ms; raw "
+            f"{args.backend} send/recv of the same bytes {raw}; ratio {ratio} (goal >= {headline['goal_ratio']:.2f})"
+        )
+
+
+def _print_counts(calls: dict) -> None:
+    """Calls into torch on the critical path of the last counted transfer of each pattern."""
+    for role in ("sender", "receiver"):
+        for group, count in calls[role].items():
+            if role == "sender":
+                where = (
+                    f"{count['header_out_after']} before the header left, {count['first_post_after']} before "
+                    f"the first send, {count['total']} in send()"
+                )
+            else:
+                where = (
+                    f"{count['first_post_after']} before the first receive, {count.get('after_last_message')} "
+                    f"after the last message arrived, {count['total']} per piece "
+                    f"({count['completion_polls']} completion polls)"
+                )
+            print(f"torch calls, {role}, {group}: {where}")
 
 
 def orchestrate(args) -> int:
@@ -493,18 +673,32 @@ def orchestrate(args) -> int:
         stdout=subprocess.PIPE,
         text=True,
     )
+    expired = threading.Event()
+
+    def give_up() -> None:  # a hung role must not hang the run: kill both, then the reads below fail
+        expired.set()
+        for process in (sender, receiver):
+            process.kill()
+
+    watchdog = threading.Timer(args.timeout, give_up)
+    watchdog.start()
     try:
         targets = receiver.stdout.readline()
         sender.stdin.write(targets)
         sender.stdin.flush()
-        sent = json.loads(sender.stdout.readline())
-        received = json.loads(receiver.stdout.readline())
+        sent = json.loads(sender.stdout.readline() or "null")
+        if sent is None:  # the sender failed: the receiver would wait for its transfers in vain
+            receiver.kill()
+        received = json.loads(receiver.stdout.readline() or "null")
     finally:
         for process in (sender, receiver):
             try:
-                process.wait(timeout=60)
+                process.wait(timeout=max(1.0, args.timeout / 4))
             except subprocess.TimeoutExpired:
                 process.kill()
+        watchdog.cancel()
+    if expired.is_set() or sent is None or received is None:
+        raise SystemExit(f"a role {'ran past --timeout' if expired.is_set() else 'failed'}; no report")
     report = _summarize(args, sent, received)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -530,6 +724,7 @@ def main() -> int:
     parser.add_argument("--raw-sizes-mib", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=110.0, help="seconds before the whole run gives up")
     args = parser.parse_args()
     if args.role != "orchestrator":
         _low_timer_slack()

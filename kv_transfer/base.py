@@ -121,8 +121,11 @@ class KVLayout:
     @property
     def block_bytes(self) -> int:
         """Bytes of one block across all layers, K and V."""
-        element = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+
+    @property
+    def element_size(self) -> int:
+        return self.torch_dtype.itemsize
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

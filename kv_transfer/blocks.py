@@ -34,14 +34,20 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def block_words(tensor: torch.Tensor) -> torch.Tensor:
-    """``[L, 2, blocks, ...]`` seen as ``[L, 2, blocks, words]``, 8-byte words where the bytes allow."""
+def block_words(tensor: torch.Tensor, word: torch.dtype | None = None) -> torch.Tensor:
+    """``[L, 2, blocks, ...]`` seen as ``[L, 2, blocks, words]``: 8-byte words where the bytes allow.
+
+    With ``word`` the view uses exactly that dtype (raises if it cannot): a piece must be seen in the
+    same words as the cache it is copied from or to, or the copy would convert values.
+    """
     flat = tensor.flatten(3)
-    for word in (torch.int64, torch.int32):
-        if (flat.shape[-1] * flat.element_size()) % word.itemsize:
+    if word is not None:
+        return flat if flat.dtype == word else flat.view(word)
+    for candidate in (torch.int64, torch.int32):
+        if (flat.shape[-1] * flat.element_size()) % candidate.itemsize:
             continue
         try:
-            return flat.view(word)
+            return flat.view(candidate)
         except RuntimeError:  # misaligned storage offset or stride: fall back to narrower words
             continue
     return flat
@@ -58,7 +64,11 @@ def index_tensor(block_ids: Sequence[int], device: torch.device) -> torch.Tensor
 class BlockMover:
     """Copies layer ranges between ``cache[:, :, block_ids]`` and a contiguous piece.
 
-    Build it on the stream that will run the copies (the index, if any, is uploaded there).
+    Both sides are word views (``block_words``): ``cache_words`` of the whole cache, ``slab`` of the
+    piece's layers ``[lo, hi)`` only. One run of consecutive ids is one strided ``copy_`` of every
+    layer in the range, with no view of the piece to build; a few runs are a copy each; scattered ids
+    are one indexed kernel. Build the mover on the stream that runs the copies (the index, if any,
+    is uploaded there).
     """
 
     def __init__(self, block_ids: Sequence[int], device: torch.device, max_runs: int = MAX_RUNS) -> None:
@@ -67,23 +77,29 @@ class BlockMover:
         self.runs = runs if len(runs) <= max_runs else None
         self.index = None if self.runs is not None else index_tensor(block_ids, device)
 
-    def gather(self, cache: torch.Tensor, piece: torch.Tensor, lo: int, hi: int) -> None:
-        """``piece[lo:hi] = cache[lo:hi, :, block_ids]``."""
-        source, target = block_words(cache[lo:hi]), block_words(piece[lo:hi])
-        if self.runs is None:
-            torch.index_select(source, 2, self.index, out=target)
-            return
-        for position, first, length in self.runs:
-            target[:, :, position : position + length].copy_(source[:, :, first : first + length])
+    def gather(self, cache_words: torch.Tensor, slab: torch.Tensor, lo: int, hi: int) -> None:
+        """``slab = cache_words[lo:hi, :, block_ids]``."""
+        runs = self.runs
+        if runs is None:
+            torch.index_select(cache_words[lo:hi], 2, self.index, out=slab)
+        elif len(runs) == 1:
+            first = runs[0][1]
+            slab.copy_(cache_words[lo:hi, :, first : first + self.num_blocks])
+        else:
+            for position, first, length in runs:
+                slab[:, :, position : position + length].copy_(cache_words[lo:hi, :, first : first + length])
 
-    def scatter(self, cache: torch.Tensor, piece: torch.Tensor, lo: int, hi: int) -> None:
-        """``cache[lo:hi, :, block_ids] = piece[lo:hi]``."""
-        target, source = block_words(cache[lo:hi]), block_words(piece[lo:hi])
-        if self.runs is None:
-            target.index_copy_(2, self.index, source)
-            return
-        for position, first, length in self.runs:
-            target[:, :, first : first + length].copy_(source[:, :, position : position + length])
+    def scatter(self, cache_words: torch.Tensor, slab: torch.Tensor, lo: int, hi: int) -> None:
+        """``cache_words[lo:hi, :, block_ids] = slab``."""
+        runs = self.runs
+        if runs is None:
+            cache_words[lo:hi].index_copy_(2, self.index, slab)
+        elif len(runs) == 1:
+            first = runs[0][1]
+            cache_words[lo:hi, :, first : first + self.num_blocks].copy_(slab)
+        else:
+            for position, first, length in runs:
+                cache_words[lo:hi, :, first : first + length].copy_(slab[:, :, position : position + length])
 
 
 def layer_bytes(piece_shape: Sequence[int], element_size: int) -> int:

@@ -2,11 +2,13 @@
 
 Threads: one accepts control connections on ``host:port``; each connection gets its own thread (and,
 on a GPU, its own stream) that authenticates the peer, builds the pair's process group on request, and
-serves pieces one at a time (wire protocol: kv_transfer/wire.py). Bytes arrive into a staging tensor,
-never straight into the cache. Without a checksum, the layers each message completes are scattered
-into the reserved blocks while the next message is in flight; with one, the whole piece is verified
-first and then scattered. Either way only whole received layers are ever written, and a piece that
-fails mid-way fails its reservation.
+serves pieces one at a time (wire protocol: kv_transfer/wire.py). Bytes arrive into a staging buffer
+taken from the receiver's pool for the piece (reused and grown on demand, its views cut once per
+piece size; see kv_transfer/staging.py), never straight into the cache. The receives are posted as soon as the header's framing is sane, before anything else.
+Without a checksum, the layers each message completes are scattered into the reserved blocks while
+the next message is in flight; with one, the whole piece is verified first and then scattered. Either
+way only whole layers of received bytes are ever written (a scatter reads only staging bytes a message
+of this piece was seen to fill), and a piece that fails mid-way fails its reservation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from baton.v1 import kv_transfer_pb2
 from kv_transfer.base import KVReceiver, TransferError, TransferHandle, TransferState
-from kv_transfer.blocks import layer_bytes, layers_covered
+from kv_transfer.blocks import layer_bytes
 from kv_transfer.pair import (
     RECEIVER_RANK,
     SENDER_RANK,
@@ -36,13 +38,13 @@ from kv_transfer.pair import (
     wait_works,
 )
 from kv_transfer.reservations import PieceTicket, ReservationTable
+from kv_transfer.staging import PieceViews, StagingPool, landings
 from kv_transfer.wire import (
     Checksum,
     PeerGone,
     as_secret,
     error_to_proto,
     framing_problem,
-    message_views,
     recv_message,
     send_message,
     server_handshake,
@@ -52,7 +54,11 @@ Message = kv_transfer_pb2.ControlMessage
 
 
 class DistKVReceiver(KVReceiver):
-    """Accepts KV from authenticated senders into ``kv_cache`` (which must live on ``device``)."""
+    """Accepts KV from authenticated senders into ``kv_cache`` (which must live on ``device``).
+
+    ``staging_buffers``: how many pieces (across all senders) are received at once into reused
+    buffers; more at once get a one-off buffer each.
+    """
 
     def __init__(
         self,
@@ -66,6 +72,7 @@ class DistKVReceiver(KVReceiver):
         handshake_timeout: float = 5.0,
         group_timeout: float = 60.0,
         max_connections: int = 256,
+        staging_buffers: int = 4,
     ) -> None:
         self._backend = Backend(backend, kv_cache.device)
         self._secret = as_secret(secret)
@@ -80,6 +87,7 @@ class DistKVReceiver(KVReceiver):
         self._listener = socket.create_server((host, port))
         bound_port = self._listener.getsockname()[1]
         self._table = ReservationTable(kv_cache, f"{host}:{bound_port}", self.receiver_id)
+        self._staging = StagingPool(kv_cache.device, size=staging_buffers)  # pieces received at once
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
         self._closed = threading.Event()
@@ -173,6 +181,7 @@ class _Connection:
         self.sock = sock
         self.group: dist.ProcessGroup | None = None
         self.sender_id = "?"
+        self.stream: torch.cuda.Stream | None = None  # this connection's scatters, on a GPU
         self.thread = threading.Thread(target=self._run, name="kv-recv-conn", daemon=True)
 
     def shutdown(self) -> None:
@@ -185,7 +194,7 @@ class _Connection:
             receiver._backend.activate()
             device = receiver._backend.device
             # Our own stream: scatters wait for this connection's messages, not for other work.
-            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            stream = self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             deadline = time.time() + receiver._handshake_timeout
             self.sender_id = server_handshake(self.sock, receiver._secret, receiver.receiver_id, deadline)
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -253,7 +262,7 @@ class _Connection:
         """Receive one piece; exactly one answer (Ack or Nack) goes back once its messages are in.
 
         The sender posted the messages right behind the header, so the receives are posted first,
-        into a staging buffer, as soon as the framing is sane; the header is validated against the
+        into the staging buffer, as soon as the framing is sane; the header is validated against the
         reservation meanwhile, and nothing touches the cache before that passed.
         """
         table, receiver = self.receiver._table, self.receiver
@@ -264,11 +273,26 @@ class _Connection:
             table.fail(header.handle_id, f"rejected piece {header.piece_index}: {error}")
             self._nack(header.handle_id, header.piece_index, error)
             raise error
-        device = receiver._backend.device
-        staging = torch.empty(header.payload_bytes, dtype=torch.uint8, device=device)
-        works = self._post_receives(staging, header)
+        staging = receiver._staging.acquire()
         try:
-            ticket = table.accept_header(header, owner=self, staging=staging)
+            # Bounded by framing_problem: a buffer never grows past the size of the whole cache.
+            views = staging.views(header.payload_bytes, header.message_bytes, header.num_messages)
+            self._serve_piece(header, views)
+        except BaseException:
+            receiver._staging.discard(staging)  # receives into it or scatters from it may be pending
+            raise
+        staging.give_back()  # every receive completed and every scatter finished: free for reuse
+
+    def _serve_piece(self, header: kv_transfer_pb2.TransferHeader, views: PieceViews) -> None:
+        """Post the receives, validate, land (or drain), answer; returns only once all of it is done.
+
+        A TransferError here is the piece's refusal, answered with a Nack; any other exception leaves
+        receives or scatters pending and ends the connection.
+        """
+        table, receiver = self.receiver._table, self.receiver
+        works = self._post_receives(views, header)
+        try:
+            ticket = table.accept_header(header, owner=self, views=views, stream=self.stream)
         except TransferError as exc:
             self._nack(header.handle_id, header.piece_index, exc)
             # Drain: the refused bytes land in staging and are dropped, keeping the pair in step.
@@ -287,11 +311,9 @@ class _Connection:
             Message(ack=kv_transfer_pb2.Ack(handle_id=header.handle_id, piece_index=header.piece_index))
         )
 
-    def _post_receives(
-        self, staging: torch.Tensor, header: kv_transfer_pb2.TransferHeader
-    ) -> list[dist.Work]:
-        views = message_views(staging, header)
-        return [self.group.recv([view], SENDER_RANK, tag) for tag, view in enumerate(views)]
+    def _post_receives(self, views: PieceViews, header: kv_transfer_pb2.TransferHeader) -> list[dist.Work]:
+        group = self.group
+        return [group.recv([view], SENDER_RANK, tag) for tag, view in enumerate(views.messages)]
 
     def _wait(self, works: list[dist.Work], header: kv_transfer_pb2.TransferHeader, deadline: float) -> None:
         try:
@@ -306,19 +328,17 @@ class _Connection:
         A reservation released mid-piece stops the scatters, but the rest of the messages are still
         received (into staging) so the pair stays in step; the piece is then refused.
         """
-        table, header = self.receiver._table, ticket.header
-        one_layer = layer_bytes(header.shape, ticket.staging.element_size())
-        num_layers, landed, refused = header.shape[0], 0, None
-        for index, work in enumerate(works):
+        table, header, shape = self.receiver._table, ticket.header, ticket.shape
+        one_layer = layer_bytes(shape, table.layout.element_size)
+        plan = landings(header.payload_bytes, header.message_bytes, one_layer, shape[0])
+        refused = None
+        for work, layers in zip(works, plan, strict=True):
             self._wait([work], header, ticket.deadline)
-            end = min((index + 1) * header.message_bytes, header.payload_bytes)
-            layers = layers_covered(end, one_layer, num_layers)
-            if layers > landed and refused is None:
+            if layers is not None and refused is None:
                 try:
-                    table.land_layers(ticket, landed, layers)
+                    table.land_layers(ticket, *layers)
                 except TransferError as exc:
                     refused = exc
-                landed = layers
         if refused is not None:
             raise refused
         table.complete_piece(ticket)

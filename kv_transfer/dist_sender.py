@@ -1,35 +1,41 @@
 """Sender over ``torch.distributed`` point-to-point (gloo or nccl), one group per receiver.
 
-Where the time goes in a transfer is thread hand-offs, not copies, so the common path has none: when
-the receiver's link is connected and idle, ``send`` itself sends the piece's header, then gathers the
-piece one message at a time on a side stream and posts each message's send right behind its gather
-(the send's stream waits for that gather only). The receiver validates the header while the first
-layers are being copied, and the bytes flow as soon as it posts its receives. ``send`` returns once
-everything is issued; the caller's stream waits for the gathers, so reusing the source blocks
-afterwards is safe in stream order.
+Where the time goes in a transfer of a few hundred MiB is host-side calls before the first byte moves,
+not the copies, so the common path makes as few as it can. When the receiver's link is connected and
+idle, ``send`` itself does it all, in the caller's thread and on the caller's current stream:
 
-Otherwise (first piece to a receiver, or pieces already queued) ``send`` gathers the whole piece and
-queues it; the link thread (kv_transfer/sender_link.py) connects and posts queued pieces in order. The
-link thread also reads the receiver's answers and settles each transfer.
+1. the piece's header, built from its shape alone, leaves on the control socket, so the receiver posts
+   its receives while the sender gathers;
+2. the piece is gathered into a reusable staging buffer (``StagingPool``; the views of a piece size
+   are cut once), a layer chunk at a time (one strided copy per chunk for a run of consecutive ids);
+3. right behind each chunk, the sends of the messages it completes are posted (each NCCL send waits
+   for the stream up to its own chunk).
+
+``send`` returns once everything is issued; the gathers run on the caller's stream, so reusing the
+source blocks afterwards is safe in stream order. A checksum needs every byte before the header, so a
+checksummed piece is gathered whole first.
+
+Otherwise (first piece to a receiver, or pieces already queued) ``send`` gathers the whole piece into
+a buffer of its own and queues it; the link thread (kv_transfer/sender_link.py) connects and posts
+queued pieces in order. The link thread also reads the receiver's answers, settles each transfer, and
+frees the staging buffers whose sends completed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
-from baton.v1 import kv_transfer_pb2
-from kv_transfer.base import KVSender, TransferHandle, TransferState, check_piece
-from kv_transfer.blocks import BlockMover, aligned_message_bytes, layer_bytes, layers_needed
-from kv_transfer.pair import RECEIVER_RANK, Backend
+from kv_transfer.base import KVLayout, KVSender, TransferHandle, TransferState, check_piece
+from kv_transfer.blocks import BlockMover, aligned_message_bytes, block_words, layer_bytes
+from kv_transfer.pair import Backend
 from kv_transfer.sender_link import Job, Link, Outgoing, SenderConnection
-from kv_transfer.wire import CHECKSUMS, Checksum, as_secret, build_header, message_views
+from kv_transfer.staging import PieceViews, Staging, StagingPool, sender_steps
+from kv_transfer.wire import CHECKSUMS, Checksum, as_secret, checksum, piece_header
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DistKVSender", "SenderConnection"]
 # Big enough that a message's fixed cost is small, small enough that the first gather and the last
@@ -64,8 +70,8 @@ class DistKVSender(KVSender):
         self._transfers: dict[str, Outgoing] = {}
         self._links: dict[str, Link] = {}
         self._closed = False
-        device = self.backend.device
-        self._gather_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = StagingPool(self.backend.device)
+        self._words: tuple[torch.Tensor, torch.Tensor] | None = None  # (cache, its block words)
 
     def send(self, handle, src_block_ids, kv_cache, *, dst_block_offset=0, last=True) -> None:
         src = check_piece(handle, src_block_ids, kv_cache, dst_block_offset)
@@ -150,63 +156,95 @@ class DistKVSender(KVSender):
 
     # ------------------------------------------------------------------------------ gather + post
 
-    @contextlib.contextmanager
-    def on_gather_stream(self, device: torch.device) -> Iterator[None]:
-        """Run the body on the gather stream, after the caller's pending work; the caller's stream
-        then waits for what the body issued there (the gathers; sends run on NCCL's own stream)."""
-        if self._gather_stream is None:
-            yield
-            return
-        caller = torch.cuda.current_stream(device)
-        self._gather_stream.wait_stream(caller)
+    def cache_words(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The cache seen as block words (``blocks.block_words``), computed once per cache tensor.
+
+        Keyed by the tensor object: a worker passes the same cache tensor to every ``send`` (and
+        never resizes it in place); another tensor simply costs the two views again.
+        """
+        cached = self._words
+        if cached is not None and cached[0] is kv_cache:
+            return cached[1]
+        words = block_words(kv_cache)
+        self._words = (kv_cache, words)
+        return words
+
+    def framing(self, layout: KVLayout, num_blocks: int) -> tuple[tuple[int, ...], int, int, int, int]:
+        """``(shape, payload_bytes, message_bytes, num_messages, one_layer)`` of a piece, as its header says."""
+        shape = layout.piece_shape(num_blocks)
+        one_layer = layer_bytes(shape, layout.element_size)
+        payload_bytes = num_blocks * layout.block_bytes
+        message_bytes = min(aligned_message_bytes(self.max_message_bytes, one_layer), payload_bytes)
+        return shape, payload_bytes, message_bytes, -(-payload_bytes // message_bytes), one_layer
+
+    def post_piece(
+        self, job: Job, kv_cache: torch.Tensor, connection: SenderConnection, deadline: float
+    ) -> tuple[list[dist.Work], Staging, PieceViews]:
+        """The direct path: header first, then per layer chunk one gather and the sends it completes."""
+        handle, src = job.outgoing.handle, job.src
+        layout, device = handle.layout, self.backend.device
+        shape, payload, message_bytes, num_messages, one_layer = self.framing(layout, len(src))
+        dtype, num_layers = layout.torch_dtype, layout.num_layers
+        staging = self._pool.acquire()
         try:
-            with torch.cuda.stream(self._gather_stream):
-                yield
-        finally:
-            caller.wait_stream(self._gather_stream)
+            views = staging.views(payload, message_bytes, num_messages)
+            words = self.cache_words(kv_cache)
+            word = words.dtype
+            if self.checksum != Checksum.CHECKSUM_ALGORITHM_NONE:  # the digest needs every byte first
+                slab = views.slab(shape, dtype, word, 0, num_layers)
+                BlockMover(src, device).gather(words, slab, 0, num_layers)
+                digest = checksum(self.checksum, views.flat)
+                connection.send_header(self._header(job, message_bytes, digest), deadline)
+                works = connection.post_messages(views.messages)
+            else:
+                connection.send_header(self._header(job, message_bytes), deadline)
+                mover, works = BlockMover(src, device), []
+                for lo, hi, ready in sender_steps(payload, message_bytes, one_layer, num_layers):
+                    mover.gather(words, views.slab(shape, dtype, word, lo, hi), lo, hi)
+                    # Each NCCL send waits for the current stream as it is now: for this chunk, not later ones.
+                    works += connection.post_messages(views.messages, ready)
+        except BaseException:
+            # Never hand it out again, and free it only after the copies queued into it ran.
+            self._pool.discard(staging)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+            raise
+        staging.lend(works[-1])
+        return works, staging, views
+
+    def discard_staging(self, staging: Staging) -> None:
+        self._pool.discard(staging)
 
     def gather(self, job: Job, kv_cache: torch.Tensor) -> None:
-        """Gather the whole piece for a queued job (``job.gathered`` orders later readers after it)."""
-        shape = job.outgoing.handle.layout.piece_shape(len(job.src))
-        with self.on_gather_stream(kv_cache.device):
-            job.piece = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
-            BlockMover(job.src, kv_cache.device).gather(kv_cache, job.piece, 0, shape[0])
-            if self._gather_stream is not None:
-                job.gathered = torch.cuda.Event()
-                job.gathered.record()
+        """Gather the whole piece of a job to be queued, into a buffer of its own.
 
-    def header_for(self, job: Job) -> kv_transfer_pb2.TransferHeader:
-        """The gathered piece's descriptor (a checksum reads the bytes, so waits for the gather)."""
-        if self.checksum != Checksum.CHECKSUM_ALGORITHM_NONE and job.gathered is not None:
-            job.gathered.synchronize()
-        one_layer = layer_bytes(job.piece.shape, job.piece.element_size())
-        message_bytes = aligned_message_bytes(self.max_message_bytes, one_layer)
+        ``job.gathered`` (on a GPU) orders the link thread's sends after the gather.
+        """
+        layout = job.outgoing.handle.layout
+        shape, payload, message_bytes, num_messages, _ = self.framing(layout, len(job.src))
+        words = self.cache_words(kv_cache)
+        views = Staging(self.backend.device).views(payload, message_bytes, num_messages)
+        slab = views.slab(shape, layout.torch_dtype, words.dtype, 0, layout.num_layers)
+        BlockMover(job.src, self.backend.device).gather(words, slab, 0, layout.num_layers)
+        job.views, job.message_bytes = views, message_bytes
+        if self.backend.device.type == "cuda":
+            job.gathered = torch.cuda.Event()
+            job.gathered.record()
+
+    def post_gathered(self, job: Job, connection: SenderConnection, deadline: float) -> list[dist.Work]:
+        """The queued path (link thread): header, then every message of the gathered piece."""
+        digest = b""
+        if self.checksum != Checksum.CHECKSUM_ALGORITHM_NONE:
+            if job.gathered is not None:  # the digest reads the bytes on the host
+                job.gathered.synchronize()
+            digest = checksum(self.checksum, job.views.flat)
+        if job.gathered is not None:  # this thread's stream, hence the sends, after the gather
+            torch.cuda.current_stream().wait_event(job.gathered)
+        connection.send_header(self._header(job, job.message_bytes, digest), deadline)
+        return connection.post_messages(job.views.messages)
+
+    def _header(self, job: Job, message_bytes: int, digest: bytes = b""):
         handle = job.outgoing.handle
-        return build_header(
-            handle, job.dst_block_offset, job.piece, job.piece_index, message_bytes, self.checksum
+        return piece_header(
+            handle, job.dst_block_offset, len(job.src), job.piece_index, message_bytes, self.checksum, digest
         )
-
-    def gather_and_post(
-        self, job: Job, kv_cache: torch.Tensor, connection: SenderConnection, deadline: float
-    ) -> list[dist.Work]:
-        """Header first, then per message: gather its layers, post its send (the pipelined path)."""
-        layout, device = job.outgoing.handle.layout, kv_cache.device
-        shape = layout.piece_shape(len(job.src))
-        with self.on_gather_stream(device):
-            job.piece = piece = torch.empty(shape, dtype=kv_cache.dtype, device=device)
-            mover, gathered = BlockMover(job.src, device), 0
-            if self.checksum != Checksum.CHECKSUM_ALGORITHM_NONE:  # the digest needs every byte first
-                mover.gather(kv_cache, piece, 0, layout.num_layers)
-                gathered = layout.num_layers
-            header = self.header_for(job)
-            connection.send_header(header, deadline)
-            one_layer = layer_bytes(shape, piece.element_size())
-            works = []
-            for tag, view in enumerate(message_views(piece, header)):
-                needed = layers_needed(min((tag + 1) * header.message_bytes, header.payload_bytes), one_layer)
-                if needed > gathered:
-                    mover.gather(kv_cache, piece, gathered, needed)
-                    gathered = needed
-                # The send's stream waits for the current (gather) stream: for these layers only.
-                works.append(connection.group.send([view], RECEIVER_RANK, tag))
-        return works

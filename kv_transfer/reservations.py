@@ -7,8 +7,10 @@ layers each message completes while later messages are still arriving, and ``com
 the piece landed once every scatter finished. ``finish`` handles the done marker.
 
 Thread-safety: one table lock guards the dict and every reservation's fields. Scatters are issued
-under the reservation's own lock, which ``release`` also takes; ``release`` then waits for the last
-issued scatter on the GPU, so once it returns nothing more is written into the reservation's blocks.
+under the reservation's own lock, which ``release`` also takes; ``release`` then waits for the stream
+the scatters were issued on (``last_write``), so once it returns nothing more is written into the
+reservation's blocks. That stream never waits on anything unbounded: a transport makes it wait for a
+message only after the message was seen complete.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from kv_transfer.base import (
     TransferState,
     check_block_ids,
 )
-from kv_transfer.blocks import BlockMover
+from kv_transfer.blocks import BlockMover, block_words
+from kv_transfer.staging import PieceViews, Staging
 from kv_transfer.wire import Checksum, checksum
 
 _CHECKSUM_SIZES = {
@@ -51,7 +54,7 @@ class _Reservation:
     owner: object | None = None  # the connection feeding it; others are refused
     released: bool = False
     write_lock: threading.Lock = field(default_factory=threading.Lock)
-    last_write: torch.cuda.Event | None = None  # the latest scatter issued on a GPU stream
+    last_write: torch.cuda.Stream | None = None  # the GPU stream its scatters were issued on
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,12 @@ class PieceTicket:
     handle_id: str
     header: kv_transfer_pb2.TransferHeader
     positions: range  # indices into the reservation's block ids
-    staging: torch.Tensor
+    staging: torch.Tensor  # the piece, [num_layers, 2, n, block_size, heads, head_dim]
     deadline: float  # the reservation's: the bytes must arrive before it
     mover: BlockMover  # scatters staging layers into the destination blocks
+    views: PieceViews  # the staging bytes: messages and layer slabs
+    shape: tuple[int, ...]
+    stream: torch.cuda.Stream | None  # where the scatters are issued (a GPU cache only)
 
 
 class ReservationTable:
@@ -77,6 +83,8 @@ class ReservationTable:
         self._settled = threading.Condition(self._lock)  # notified when a reservation turns terminal
         self._reservations: dict[str, _Reservation] = {}
         self.max_payload_bytes = kv_cache.numel() * kv_cache.element_size()  # no piece is larger
+        self.cache_words = block_words(kv_cache)  # what scatters write into, seen once
+        self._word = self.cache_words.dtype
 
     # ---------------------------------------------------------------------------- the worker's side
 
@@ -157,12 +165,14 @@ class ReservationTable:
         self,
         header: kv_transfer_pb2.TransferHeader,
         owner: object,
-        staging: torch.Tensor | None = None,
+        views: PieceViews | None = None,
+        stream: torch.cuda.Stream | None = None,
     ) -> PieceTicket:
         """Validate a descriptor; raises TransferError (and fails the reservation) when it is wrong.
 
-        ``staging``: the flat byte buffer the piece is (being) received into, if the transport
-        allocated it before validation; else one is allocated here.
+        ``views``: the staging bytes the piece is (being) received into, if the transport cut them
+        before validation; else a buffer is allocated here. ``stream``: where the caller will issue
+        the scatters (default: the current stream, on a GPU).
         """
         with self._lock:
             reservation = self._reservations.get(header.handle_id)
@@ -179,19 +189,23 @@ class ReservationTable:
             if reservation.state is TransferState.BOOTSTRAPPING:
                 reservation.state = TransferState.TRANSFERRING
         device, shape = self.kv_cache.device, tuple(header.shape)
-        if staging is None:
-            staging = torch.empty(shape, dtype=self.layout.torch_dtype, device=device)
-        else:  # validated: payload_bytes is exactly this shape's bytes
-            staging = staging.view(self.layout.torch_dtype).view(shape)
+        if views is None:
+            views = Staging(device).views(header.payload_bytes, header.message_bytes, header.num_messages)
+        if stream is None and device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+        staging = views.piece(shape, self.layout.torch_dtype)  # validated: exactly this shape's bytes
         mover = BlockMover(header.block_ids, device)
-        return PieceTicket(header.handle_id, header, positions, staging, reservation.handle.deadline, mover)
+        deadline = reservation.handle.deadline
+        return PieceTicket(
+            header.handle_id, header, positions, staging, deadline, mover, views, shape, stream
+        )
 
     def land(self, ticket: PieceTicket) -> None:
         """Verify the received bytes and scatter the whole piece into the reserved blocks."""
         header = ticket.header
         self._live(ticket)
         if header.checksum_algorithm != Checksum.CHECKSUM_ALGORITHM_NONE:
-            if checksum(header.checksum_algorithm, ticket.staging) != header.checksum:
+            if checksum(header.checksum_algorithm, ticket.views.flat) != header.checksum:
                 self.fail(ticket.handle_id, f"checksum mismatch in piece {header.piece_index}")
                 raise TransferError("TRANSFER_FAILED", f"checksum mismatch in piece {header.piece_index}")
         self.land_layers(ticket, 0, self.layout.num_layers)
@@ -200,22 +214,22 @@ class ReservationTable:
     def land_layers(self, ticket: PieceTicket, lo: int, hi: int) -> None:
         """Scatter layers ``[lo, hi)`` of the staging tensor into the reserved blocks.
 
-        On a GPU the scatter is issued on the current stream and not waited for; ``complete_piece``
-        (or ``release``) waits. Only for pieces without a checksum may layers land before the whole
-        piece arrived: a piece that then fails leaves some reserved blocks written, and the reservation
-        FAILED (its blocks are the caller's to free, never read as valid KV).
+        On a GPU the scatter is issued on the ticket's stream (which must be the current one) and not
+        waited for; ``complete_piece`` (or ``release``) waits. Only for pieces without a checksum may
+        layers land before the whole piece arrived: a piece that then fails leaves some reserved
+        blocks written, and the reservation FAILED (its blocks are the caller's to free, never read as
+        valid KV).
         """
         reservation = self._live(ticket)
+        slab = ticket.views.slab(ticket.shape, self.layout.torch_dtype, self._word, lo, hi)
         with reservation.write_lock:
             if reservation.released:
                 raise TransferError(
                     "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
                 )
-            ticket.mover.scatter(self.kv_cache, ticket.staging, lo, hi)
-            if self.kv_cache.is_cuda:
-                event = torch.cuda.Event()
-                event.record()
-                reservation.last_write = event
+            ticket.mover.scatter(self.cache_words, slab, lo, hi)
+            if ticket.stream is not None:
+                reservation.last_write = ticket.stream
 
     def complete_piece(self, ticket: PieceTicket) -> None:
         """Wait for the piece's scatters, then count its blocks as landed."""

@@ -35,14 +35,8 @@ from kv_transfer.pair import (
     teardown_group,
     wait_works,
 )
-from kv_transfer.wire import (
-    PeerGone,
-    client_handshake,
-    expect,
-    message_views,
-    recv_message,
-    send_message,
-)
+from kv_transfer.staging import PieceViews, Staging
+from kv_transfer.wire import PeerGone, client_handshake, expect, recv_message, send_message
 
 if TYPE_CHECKING:
     from kv_transfer.dist_sender import DistKVSender
@@ -103,8 +97,14 @@ class SenderConnection:
         """A piece's descriptor; its messages follow at once (the answer comes after them)."""
         send_message(self.sock, Message(transfer_header=header), deadline)
 
-    def post_messages(self, views: Sequence[torch.Tensor]) -> list[dist.Work]:
-        return [self.group.send([view], RECEIVER_RANK, tag) for tag, view in enumerate(views)]
+    def post_messages(
+        self, views: Sequence[torch.Tensor], tags: Sequence[int] | None = None
+    ) -> list[dist.Work]:
+        """Post the sends of messages ``tags`` (default: all) of a piece cut into ``views``, in order."""
+        group = self.group
+        if tags is None:
+            return [group.send([view], RECEIVER_RANK, tag) for tag, view in enumerate(views)]
+        return [group.send([views[tag]], RECEIVER_RANK, tag) for tag in tags]
 
     def send_done(self, done: kv_transfer_pb2.TransferDone, deadline: float) -> None:
         """The done marker; its answer follows the answers to every piece sent before it."""
@@ -147,18 +147,24 @@ class Job:
     piece_index: int
     last: bool
     src: tuple[int, ...] = ()
-    piece: torch.Tensor | None = None
+    views: PieceViews | None = None  # a queued piece's own buffer, cut into messages
+    message_bytes: int = 0
     gathered: torch.cuda.Event | None = None  # after the whole gather, on a GPU
 
 
 @dataclass
 class _Owed:
-    """An answer the receiver owes: for a piece (``works`` and ``piece`` kept until it came) or a done."""
+    """An answer the receiver owes: for a piece, or a done marker.
+
+    A piece's ``works`` and ``views`` (its bytes) are kept until the answer came and its sends are seen
+    complete; then its pooled ``staging`` buffer, if any, is free for the next piece.
+    """
 
     outgoing: Outgoing
     done: bool
     works: list[dist.Work] = field(default_factory=list)
-    piece: torch.Tensor | None = None
+    views: PieceViews | None = None
+    staging: Staging | None = None
 
 
 class Link:
@@ -226,16 +232,14 @@ class Link:
         deadline = min(outgoing.handle.deadline, time.time() + FRAME_TIMEOUT)
         if job.src:
             if kv_cache is not None:
-                works = sender.gather_and_post(job, kv_cache, connection, deadline)
+                works, staging, views = sender.post_piece(job, kv_cache, connection, deadline)
+                owed = _Owed(outgoing, False, works, views, staging)
             else:
-                header = sender.header_for(job)
-                if job.gathered is not None:  # this thread's stream, hence the sends, after the gather
-                    torch.cuda.current_stream().wait_event(job.gathered)
-                connection.send_header(header, deadline)
-                works = connection.post_messages(message_views(job.piece, header))
+                works = sender.post_gathered(job, connection, deadline)
+                owed = _Owed(outgoing, False, works, job.views)
             outgoing.pieces_posted += 1
             sender.mark_transferring(outgoing)
-            self._owe(_Owed(outgoing, False, works, job.piece), active=True)
+            self._owe(owed, active=True)
         if job.last:
             done = kv_transfer_pb2.TransferDone(
                 request_id=outgoing.handle.request_id,
@@ -307,6 +311,8 @@ class Link:
             refused = exc
         # Answered pieces' messages were received (landed or drained): their sends are complete.
         wait_works(owed.works, self.sender.backend, deadline, connection.sock)
+        if owed.staging is not None and owed.works:
+            owed.staging.sends_completed(owed.works[-1])
         with self._changed:
             if not self._owed or self._owed[0] is not owed:
                 return  # the connection was dropped meanwhile
@@ -345,13 +351,20 @@ class Link:
         self._drop_connection("sender closed")
 
     def _drop_connection(self, reason: str) -> None:
-        """Tear the connection down; every transfer owed an answer or with pieces on it fails."""
+        """Tear the connection down; every transfer owed an answer or with pieces on it fails.
+
+        Staging buffers of pieces still owed an answer leave the pool: their sends were cut off and
+        may never report completion.
+        """
         with self.post_lock:
             connection, self.connection = self.connection, None
             if connection is not None:
                 connection.close(reason)
             with self._changed:
                 failed = [owed.outgoing for owed in self._owed] + list(self._active_transfers.values())
+                for owed in self._owed:
+                    if owed.staging is not None:
+                        self.sender.discard_staging(owed.staging)
                 self._owed.clear()
                 self._active_transfers.clear()
         for outgoing in failed:

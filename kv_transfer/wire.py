@@ -295,6 +295,40 @@ def checksum(algorithm: int, payload: torch.Tensor) -> bytes:
     raise TransferError("INVALID_ARGUMENT", f"unknown checksum algorithm {algorithm}")
 
 
+def piece_header(
+    handle: TransferHandle,
+    dst_block_offset: int,
+    num_blocks: int,
+    piece_index: int,
+    max_message_bytes: int,
+    checksum_algorithm: int = Checksum.CHECKSUM_ALGORITHM_NONE,
+    digest: bytes = b"",
+) -> kv_transfer_pb2.TransferHeader:
+    """Describe a piece of ``num_blocks`` blocks from the layout alone (no tensor needed).
+
+    So the header can leave before the piece is allocated or gathered; only a checksum (``digest``,
+    over the gathered bytes) has to wait for the bytes.
+    """
+    layout = handle.layout
+    payload_bytes = num_blocks * layout.block_bytes
+    message_bytes = min(max_message_bytes, payload_bytes)
+    return kv_transfer_pb2.TransferHeader(
+        request_id=handle.request_id,
+        handle_id=handle.handle_id,
+        dst_block_offset=dst_block_offset,
+        block_ids=handle.block_ids[dst_block_offset : dst_block_offset + num_blocks],
+        num_layers=layout.num_layers,
+        dtype=layout.dtype,
+        shape=layout.piece_shape(num_blocks),
+        payload_bytes=payload_bytes,
+        message_bytes=message_bytes,
+        num_messages=-(-payload_bytes // message_bytes) if payload_bytes else 0,
+        checksum_algorithm=checksum_algorithm,
+        checksum=digest,
+        piece_index=piece_index,
+    )
+
+
 def build_header(
     handle: TransferHandle,
     dst_block_offset: int,
@@ -303,24 +337,16 @@ def build_header(
     max_message_bytes: int,
     checksum_algorithm: int,
 ) -> kv_transfer_pb2.TransferHeader:
-    """Describe a gathered piece ``[num_layers, 2, n, block_size, heads, head_dim]``."""
-    num_blocks = piece.shape[2]
+    """Describe a gathered piece ``[num_layers, 2, n, block_size, heads, head_dim]`` (with its digest)."""
+    header = piece_header(handle, dst_block_offset, piece.shape[2], piece_index, max_message_bytes)
+    header.shape[:] = list(piece.shape)
     payload_bytes = piece.numel() * piece.element_size()
-    return kv_transfer_pb2.TransferHeader(
-        request_id=handle.request_id,
-        handle_id=handle.handle_id,
-        dst_block_offset=dst_block_offset,
-        block_ids=handle.block_ids[dst_block_offset : dst_block_offset + num_blocks],
-        num_layers=handle.layout.num_layers,
-        dtype=handle.layout.dtype,
-        shape=list(piece.shape),
-        payload_bytes=payload_bytes,
-        message_bytes=min(max_message_bytes, payload_bytes),
-        num_messages=math.ceil(payload_bytes / max_message_bytes),
-        checksum_algorithm=checksum_algorithm,
-        checksum=checksum(checksum_algorithm, piece),
-        piece_index=piece_index,
-    )
+    header.payload_bytes = payload_bytes
+    header.message_bytes = min(max_message_bytes, payload_bytes)
+    header.num_messages = math.ceil(payload_bytes / max_message_bytes)
+    header.checksum_algorithm = checksum_algorithm
+    header.checksum = checksum(checksum_algorithm, piece)
+    return header
 
 
 def framing_problem(header: kv_transfer_pb2.TransferHeader, max_payload_bytes: int) -> str | None:

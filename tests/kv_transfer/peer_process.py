@@ -7,6 +7,10 @@ Modes:
 - ``receiver``: owns a cache, reserves blocks, prints ``{"target": <KVTarget hex>}``.
 - ``sender-half``: sends the header of a piece covering every reserved block of ``--target`` and only
   the first half of its messages, then prints ``{"sent": <messages>, "of": <total>}``.
+- ``sender-full-then-half``: first sends every reserved block of ``--full-target`` (from a cache of
+  seed ``PEER_SEED + 1``) and its done marker, waiting for both answers, then does what
+  ``sender-half`` does for ``--target`` on the same connection: the receiver's staging buffer then
+  holds the larger piece's bytes behind the half-sent one's.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 
 import torch
 
-from baton.v1 import worker_pb2
+from baton.v1 import kv_transfer_pb2, worker_pb2
 from kv_transfer.base import gather_blocks
 from kv_transfer.dist_receiver import DistKVReceiver
 from kv_transfer.dist_sender import SenderConnection
@@ -53,15 +57,34 @@ def run_receiver(args: argparse.Namespace) -> None:
     time.sleep(600)
 
 
+def _source(handle, device: str, seed: int) -> torch.Tensor:
+    layout = handle.layout
+    return random_cache(
+        layout.num_layers, len(handle.block_ids), layout.block_size, layout.num_kv_heads, layout.head_dim,
+        layout.torch_dtype, device, seed=seed,
+    )  # fmt: skip
+
+
+def _send_whole(connection: SenderConnection, handle, args: argparse.Namespace, deadline: float) -> None:
+    piece = gather_blocks(_source(handle, args.device, PEER_SEED + 1), range(len(handle.block_ids)))
+    header = build_header(handle, 0, piece, 0, args.message_bytes, CHECKSUMS["none"])
+    connection.send_header(header, deadline)
+    works = connection.post_messages(message_views(piece, header))
+    done = kv_transfer_pb2.TransferDone(
+        request_id=handle.request_id, handle_id=handle.handle_id, num_pieces=1
+    )
+    connection.send_done(done, deadline)
+    connection.read_ack(deadline)  # the piece landed
+    connection.read_ack(deadline)  # the transfer succeeded
+    for work in works:
+        work.wait()
+
+
 def run_sender_half(args: argparse.Namespace) -> None:
     target = worker_pb2.KVTarget.FromString(bytes.fromhex(args.target))
     handle = handle_from_kv_target(target, args.request_id)
-    layout = handle.layout
     num_blocks = len(handle.block_ids)
-    kv_cache = random_cache(
-        layout.num_layers, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim,
-        layout.torch_dtype, args.device, seed=PEER_SEED,
-    )  # fmt: skip
+    kv_cache = _source(handle, args.device, PEER_SEED)
     backend = Backend(args.backend, torch.device(args.device))
     backend.activate()
     deadline = time.time() + 60
@@ -69,6 +92,10 @@ def run_sender_half(args: argparse.Namespace) -> None:
         handle.address, backend=backend, secret=as_secret(args.secret), sender_id="half-sender",
         local_host="127.0.0.1", deadline=deadline, group_timeout=60,
     )  # fmt: skip
+    if args.full_target:
+        full_target = worker_pb2.KVTarget.FromString(bytes.fromhex(args.full_target))
+        full = handle_from_kv_target(full_target, args.full_request_id)
+        _send_whole(connection, full, args, deadline)
     piece = gather_blocks(kv_cache, range(num_blocks))
     header = build_header(handle, 0, piece, 0, args.message_bytes, CHECKSUMS["none"])
     connection.send_header(header, deadline)
@@ -84,7 +111,7 @@ def run_sender_half(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["receiver", "sender-half"])
+    parser.add_argument("mode", choices=["receiver", "sender-half", "sender-full-then-half"])
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--secret", required=True)
@@ -94,12 +121,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-blocks", type=int, default=4)
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--target", help="sender-half: KVTarget bytes, hex")
+    parser.add_argument("--full-target", help="sender-full-then-half: the first, whole piece's KVTarget, hex")
+    parser.add_argument("--full-request-id", default="peer-full")
     parser.add_argument("--request-id", default="peer-request")
     parser.add_argument("--message-bytes", type=int, default=4096)
     args = parser.parse_args(argv)
     if args.mode == "receiver":
         run_receiver(args)
     else:
+        if (args.mode == "sender-full-then-half") != bool(args.full_target):
+            parser.error("--full-target goes with (and only with) sender-full-then-half")
         run_sender_half(args)
 
 

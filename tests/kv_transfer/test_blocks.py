@@ -43,13 +43,16 @@ def test_mover_matches_the_reference_gather_and_scatter(case: str, dtype) -> Non
     cache = torch.randn(5, 2, 16, 4, 2, 8).to(dtype)
     mover = BlockMover(ids, cache.device)
     assert (mover.runs is None) == (case == "scattered")
+    assert (mover.runs is not None and len(mover.runs) == 1) == (case in ("one run", "single"))
     piece = torch.zeros(5, 2, len(ids), 4, 2, 8, dtype=dtype)
+    cache_words = block_words(cache)
+    piece_words = block_words(piece, cache_words.dtype)
     for lo, hi in [(0, 2), (2, 3), (3, 5)]:  # layer ranges, in pieces
-        mover.gather(cache, piece, lo, hi)
+        mover.gather(cache_words, piece_words[lo:hi], lo, hi)
     assert torch.equal(piece, gather_blocks(cache, ids))
 
     target = torch.zeros_like(cache)
-    mover.scatter(target, piece, 1, 4)  # only layers 1..3
+    mover.scatter(block_words(target), piece_words[1:4], 1, 4)  # only layers 1..3
     assert torch.equal(target[1:4, :, ids], cache[1:4, :, ids])
     assert not target[[0, 4]].any(), "layers outside the range were written"
     others = [b for b in range(16) if b not in ids]
@@ -61,6 +64,11 @@ def test_block_words_widen_only_when_bytes_allow() -> None:
     assert block_words(torch.zeros(2, 2, 3, 1, 1, 2, dtype=torch.bfloat16)).dtype == torch.int32
     odd = block_words(torch.zeros(2, 2, 3, 1, 1, 3, dtype=torch.bfloat16))
     assert odd.dtype == torch.bfloat16 and odd.shape == (2, 2, 3, 3)
+    # A piece is seen in the cache's words, even where it could be seen in wider ones.
+    assert block_words(torch.zeros(2, 2, 3, 4, 2, 8, dtype=torch.bfloat16), torch.int32).dtype == torch.int32
+    # A cache whose storage offset forbids 8-byte words: the piece must follow it, not widen on its own.
+    shifted = torch.zeros(2 * 2 * 3 * 4 * 2 * 8 + 1, dtype=torch.bfloat16)[1:].view(2, 2, 3, 4, 2, 8)
+    assert block_words(shifted).dtype == torch.bfloat16
 
 
 def test_message_and_chunk_arithmetic() -> None:

@@ -24,37 +24,6 @@ LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 4, 2, 8
 NUM_BLOCKS = 32
 
 
-def _nccl_available() -> bool:
-    return (
-        torch.cuda.is_available() and torch.cuda.device_count() >= 2 and torch.distributed.is_nccl_available()
-    )
-
-
-@pytest.fixture(
-    params=[
-        "loopback",
-        "gloo",
-        pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.multi_gpu]),
-    ]
-)
-def transport(request) -> Harness:
-    if request.param == "nccl":
-        if not _nccl_available():
-            pytest.skip("needs two CUDA GPUs and NCCL")
-        harness = Harness("nccl", torch.device("cuda:0"), torch.device("cuda:1"))
-    else:
-        harness = Harness(request.param, torch.device("cpu"), torch.device("cpu"))
-    yield harness
-    harness.close()
-
-
-@pytest.fixture
-def gloo_transport() -> Harness:
-    harness = Harness("gloo", torch.device("cpu"), torch.device("cpu"))
-    yield harness
-    harness.close()
-
-
 def _caches(h: Harness, dtype=torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     src = random_cache(LAYERS, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, dtype, h.src_device, seed)
     dst = torch.zeros(LAYERS, 2, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, dtype=dtype, device=h.dst_device)
