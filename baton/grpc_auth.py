@@ -75,3 +75,22 @@ def aio_channel(address: str, secret: str) -> grpc.aio.Channel:
     """An asyncio channel whose calls carry the shared-secret token (none when ``secret`` is empty)."""
     interceptors = [_AioAuthUnary(secret), _AioAuthStream(secret)] if secret else None
     return grpc.aio.insecure_channel(address, interceptors=interceptors)
+
+
+def add_standard_health(server: grpc.Server, service_name: str) -> None:
+    """Register grpc.health.v1 (what Kubernetes gRPC probes call), SERVING for "" and ``service_name``.
+
+    The servicer ships in ``grpcio-health-checking``; where its generated code does not load against
+    the installed protobuf runtime, the worker still serves (its own HealthCheck RPC stays) and says so.
+    """
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except Exception as e:  # version skew between grpcio-health-checking and protobuf
+        import logging
+
+        logging.getLogger(__name__).error("grpc.health.v1 unavailable (%s); Kubernetes gRPC probes will fail", e)
+        return
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", service_name):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -92,6 +92,14 @@ def ttft_aggregated(model: str, device: str, ps: list[list[int]], max_len: int, 
         out.append(time.perf_counter() - t0)
         while not req.is_finished:
             llm.engine.step()
+    del llm  # give the GPU back before the worker processes start on it
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
     return out
 
 

@@ -9,7 +9,6 @@ import logging
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from baton.convert import (
     check_token_ids,
@@ -21,13 +20,15 @@ from baton.convert import (
     sampling_from_proto,
     worker_info,
 )
-from baton.grpc_auth import SecretAuthInterceptor
+from baton.grpc_auth import SecretAuthInterceptor, add_standard_health
+from baton.tracing import request_id_from_metadata
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from decode_worker.scheduler import Refused
 from decode_worker.worker import DecodeWorker
 from kv_transfer.wire import handle_to_kv_target
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = "baton.v1.DecodeService"
 
 
 def _error(e: Exception) -> common_pb2.Error:
@@ -68,6 +69,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             request.first_token_top_logprobs if request.HasField("first_token_top_logprobs") else None,
         )
         deadline = request.deadline_ms / 1000 if request.deadline_ms else None
+        log.debug("decode %s (request %s): local_prefill=%s", rid, request_id_from_metadata(context.invocation_metadata()) or "-", request.local_prefill)
         outputs = w.decode(rid, first, first_lp, request.local_prefill, deadline, is_active=context.is_active)
         sent_first = False
         try:
@@ -105,9 +107,6 @@ def serve(worker: DecodeWorker, host: str, port: int, secret: str, max_threads: 
         raise OSError(f"cannot bind gRPC on {host}:{port}")
     address = f"{host}:{bound}"
     worker_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(worker, address), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("baton.v1.DecodeService", health_pb2.HealthCheckResponse.SERVING)
+    add_standard_health(server, SERVICE_NAME)
     server.start()
     return server, address

@@ -234,6 +234,8 @@ def load_engine(
     from engine.weights import load_weights
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))  # weights, cache and graphs all on this GPU
     source = resolve_model(model)
     dt = parse_dtype(dtype, device)
     weights = load_weights(source, dt, device, seed)

@@ -75,6 +75,7 @@ class EngineHost:
         self._next_seq = 1
         self._finished = 0
         self._generated = 0
+        self._device_set = False
         self.loop = EngineLoop(self._step, name=f"{name}-loop")
 
     def start(self) -> None:
@@ -102,6 +103,14 @@ class EngineHost:
 
     # --- the loop ----------------------------------------------------------------------------
     def _step(self) -> bool:
+        if not self._device_set:
+            # CUDA's current device is per thread: kernels of a worker on cuda:1 must launch on cuda:1.
+            device = self.engine.runner.kv_cache.device
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(device)
+            self._device_set = True
         busy = False
         if self.engine.has_unfinished():
             batch_outputs = self.engine.step()

@@ -1,19 +1,29 @@
 """ModelRunner: turns a ScheduledBatch into tensors, runs the model, samples. Returns a StepOutput.
 
 It owns the model, the KV cache tensor and the attention backend, and nothing about policy.
+
+On CUDA with the Triton attention backend the runner switches the model to the fused Triton ops
+(once, here) and replays decode-only steps from CUDA graphs (``engine/cuda_graphs.py``); other
+steps (prefill chunks, mixed batches, batches above the largest bucket) run eagerly. Either way a
+step's integer inputs travel to the device in one copy from a pinned buffer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.cuda_graphs import DecodeGraphs, PinnedStaging
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampling.sampler import Logprobs, Sampler
 from engine.scheduler import ScheduledBatch
+
+# Decode graphs are captured lazily per bucket, so a generous cap costs nothing until used.
+DEFAULT_MAX_GRAPH_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,9 @@ class StepOutput:
 
     sampled: dict[str, int]
     logprobs: dict[str, Logprobs | None]
+    # Steps that verify draft tokens sample nothing here: the logits of every sampled row (a request
+    # owns ``ScheduledRequest.num_logits_rows`` consecutive rows, in batch order) go to the verifier.
+    logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,18 @@ class BatchInputs:
     sampled_requests: tuple[Request, ...]
 
 
+def _tokens(r: Request, start: int, n: int) -> list[int]:
+    """Known tokens ``[start, start + n)`` of ``r`` without concatenating prompt and output."""
+    if start + n > r.num_tokens:  # a verification step: the draft tokens follow the known ones
+        return (r.all_token_ids + r.spec_token_ids)[start : start + n]
+    prompt = r.prompt_token_ids
+    if start + n <= len(prompt):
+        return prompt[start : start + n]
+    if start >= len(prompt):
+        return r.output_token_ids[start - len(prompt) : start - len(prompt) + n]
+    return r.all_token_ids[start : start + n]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -41,67 +66,142 @@ class ModelRunner:
         attn: AttentionBackend,
         block_size: int,
         sampler: Sampler,
+        *,
+        cuda_graphs: bool | None = None,
+        max_graph_batch: int = DEFAULT_MAX_GRAPH_BATCH,
     ) -> None:
+        """``cuda_graphs``: None = on exactly when the fused Triton path is (CUDA + Triton attention)."""
         self.model = model
         self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
         self.attn = attn
         self.block_size = block_size
         self.sampler = sampler
         self.device = kv_cache.device
+        self.uses_triton_ops = self.device.type == "cuda" and attn.name == "triton"
+        if self.uses_triton_ops:
+            model.use_triton_ops()
+        self.staging = PinnedStaging() if self.device.type == "cuda" else None
+        if cuda_graphs is None:
+            cuda_graphs = self.uses_triton_ops
+        if cuda_graphs and not self.uses_triton_ops:
+            raise ValueError("CUDA graphs need a CUDA device and the Triton attention backend")
+        self.graphs = (
+            DecodeGraphs(model, kv_cache, attn, block_size, model.rope.max_positions, max_graph_batch)
+            if cuda_graphs
+            else None
+        )
+
+    def capture_cuda_graphs(self, max_batch: int | None = None) -> float:
+        """Capture the decode graphs up front (else each bucket is captured on first use).
+        Returns seconds spent; 0 when graphs are off."""
+        return self.graphs.capture_all(max_batch) if self.graphs is not None else 0.0
+
+    # --- inputs ------------------------------------------------------------------------------
+    def _host_buffer(self, size: int) -> np.ndarray:
+        if self.staging is None:
+            return np.empty(size, dtype=np.int32)
+        return self.staging.host(size)
+
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        if self.staging is None:
+            return torch.from_numpy(host)
+        dev = torch.empty(host.shape[0], dtype=torch.int32, device=self.device)
+        self.staging.upload(dev, host.shape[0])
+        return dev
 
     def prepare(self, batch: ScheduledBatch) -> BatchInputs:
+        """Flatten the batch into one int32 host buffer, laid out as
+        ``[ids T | positions T | slots T | logits rows R | seq_lens B | query_start_loc B+1 | table B*w]``,
+        move it in one copy, and take typed views of it."""
         bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qstart = [0]
-        seq_lens: list[int] = []
-        rows: list[int] = []
-        sampled: list[Request] = []
-        for s in batch.requests:
-            r, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
-            tokens = r.all_token_ids
-            ids.extend(tokens[start : start + n])
-            p = range(start, start + n)
-            pos.extend(p)
-            slots.extend(r.block_ids[i // bs] * bs + i % bs for i in p)
-            qstart.append(qstart[-1] + n)
-            seq_lens.append(start + n)
-            if s.samples:
-                rows.append(qstart[-1] - 1)
-                sampled.append(r)
-        max_blocks = max(-(-sl // bs) for sl in seq_lens)
-        table = [
-            s.request.block_ids[:max_blocks] + [0] * (max_blocks - len(s.request.block_ids[:max_blocks]))
-            for s in batch.requests
+        reqs = batch.requests
+        num_seqs = len(reqs)
+        num_tokens = sum(s.num_new_tokens for s in reqs)
+        seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in reqs]
+        query_lens = tuple(s.num_new_tokens for s in reqs)
+        qstart = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=qstart[1:])
+        sampled = [s.request for s in reqs if s.samples]
+        rows = [
+            int(qstart[i + 1]) - s.num_logits_rows + j
+            for i, s in enumerate(reqs)
+            if s.samples
+            for j in range(s.num_logits_rows)
         ]
-        dev = self.device
+        width = max(-(-sl // bs) for sl in seq_lens)
 
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+        t, r = num_tokens, len(rows)
+        o_lens = 3 * t + r
+        o_qsl = o_lens + num_seqs
+        o_table = o_qsl + num_seqs + 1
+        host = self._host_buffer(o_table + num_seqs * width)
+        o = 0
+        for s in reqs:
+            req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            host[o : o + n] = _tokens(req, start, n)
+            if n == 1:
+                host[t + o] = start
+                host[2 * t + o] = req.block_ids[start // bs] * bs + start % bs
+            else:
+                p = np.arange(start, start + n)
+                host[t + o : t + o + n] = p
+                host[2 * t + o : 2 * t + o + n] = np.asarray(req.block_ids)[p // bs] * bs + p % bs
+            o += n
+        host[3 * t : o_lens] = rows
+        host[o_lens:o_qsl] = seq_lens
+        host[o_qsl:o_table] = qstart
+        table = host[o_table:].reshape(num_seqs, width)
+        table.fill(0)
+        for i, s in enumerate(reqs):
+            ids = s.request.block_ids[:width]
+            table[i, : len(ids)] = ids
 
-        query_lens = tuple(s.num_new_tokens for s in batch.requests)
+        dev = self._to_device(host)
+        longs = dev[:o_lens].long()
         meta = AttentionMetadata(
-            query_start_loc=t(qstart, torch.int32),
-            seq_lens=t(seq_lens, torch.int32),
-            block_tables=t(table, torch.int32),
-            slot_mapping=t(slots, torch.int64),
+            query_start_loc=dev[o_qsl:o_table],
+            seq_lens=dev[o_lens:o_qsl],
+            block_tables=dev[o_table:].view(num_seqs, width),
+            slot_mapping=longs[2 * t : 3 * t],
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=tuple(seq_lens),
         )
-        return BatchInputs(t(ids, torch.long), t(pos, torch.long), meta, t(rows, torch.long), tuple(sampled))
+        return BatchInputs(longs[:t], longs[t : 2 * t], meta, longs[3 * t : o_lens], tuple(sampled))
+
+    # --- execution ---------------------------------------------------------------------------
+    def _graph_bucket(self, batch: ScheduledBatch) -> int | None:
+        if self.graphs is None or any(s.num_new_tokens != 1 for s in batch.requests):
+            return None
+        return self.graphs.bucket(len(batch.requests))
+
+    def _execute_graph(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
+        reqs = [s.request for s in batch.requests]
+        positions = [r.num_computed_tokens for r in reqs]
+        tokens = [_tokens(r, p, 1)[0] for r, p in zip(reqs, positions, strict=True)]
+        logits = self.graphs.run(tokens, positions, [r.block_ids for r in reqs])  # [n, V]
+        rows = [i for i, s in enumerate(batch.requests) if s.samples]
+        if len(rows) == len(reqs):
+            return logits, reqs
+        index = torch.tensor(rows, dtype=torch.long).to(self.device)
+        return logits.index_select(0, index), [reqs[i] for i in rows]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.attn)
-        if not inputs.sampled_requests:
+        if self._graph_bucket(batch) is not None:
+            logits, sampled = self._execute_graph(batch)
+        else:
+            inputs = self.prepare(batch)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.attn)
+            sampled = list(inputs.sampled_requests)
+            logits = self.model.compute_logits(hidden[inputs.logits_rows]) if sampled else None
+        if not sampled:
             return StepOutput({}, {})
-        logits = self.model.compute_logits(hidden[inputs.logits_rows])
-        out = self.sampler(logits, list(inputs.sampled_requests))
-        ids = [r.request_id for r in inputs.sampled_requests]
+        if batch.has_spec:
+            return StepOutput({}, {}, logits)
+        out = self.sampler(logits, sampled)
+        ids = [r.request_id for r in sampled]
         return StepOutput(
             dict(zip(ids, out.token_ids, strict=True)), dict(zip(ids, out.logprobs, strict=True))
         )

@@ -9,7 +9,6 @@ import logging
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from baton.convert import (
     check_token_ids,
@@ -20,7 +19,7 @@ from baton.convert import (
     sampling_from_proto,
     worker_info,
 )
-from baton.grpc_auth import SecretAuthInterceptor
+from baton.grpc_auth import SecretAuthInterceptor, add_standard_health
 from baton.tracing import request_id_from_metadata
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from kv_transfer.wire import handle_from_kv_target
@@ -28,6 +27,7 @@ from prefill_worker.scheduler import PrefillFailed
 from prefill_worker.worker import PrefillWorker
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = "baton.v1.PrefillService"
 
 
 def _error(e: Exception) -> common_pb2.Error:
@@ -97,9 +97,6 @@ def serve(worker: PrefillWorker, host: str, port: int, secret: str, max_threads:
         raise OSError(f"cannot bind gRPC on {host}:{port}")
     address = f"{host}:{bound}"
     worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(worker, address), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("baton.v1.PrefillService", health_pb2.HealthCheckResponse.SERVING)
+    add_standard_health(server, SERVICE_NAME)
     server.start()
     return server, address

@@ -112,8 +112,8 @@ async def serve(opts: ServeOptions) -> int:
         await asyncio.to_thread(controller.start, s.num_prefill, s.num_decode, 900.0, _say)
         first = next(m.info for m in controller.members.values() if m.info)
         tokenizer_dir = first["tokenizer_dir"] or source.tokenizer_dir
-        if not tokenizer_dir:  # dummy weights: drive them with the default model's tokenizer
-            tokenizer_dir = resolve_model(None).tokenizer_dir
+        if not tokenizer_dir:  # dummy weights: drive them with BATON_TOKENIZER or the default model's tokenizer
+            tokenizer_dir = os.environ.get("BATON_TOKENIZER") or resolve_model(None).tokenizer_dir
             _say("no tokenizer with dummy weights: using the default model's tokenizer")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
         backend = ClusterBackend(

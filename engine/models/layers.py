@@ -1,7 +1,10 @@
-"""Building blocks shared by the Llama-family models: RMSNorm, rotary embedding, gated MLP.
+"""Building blocks shared by the Llama-family models: RMSNorm, rotary embedding, gated MLP, and the
+two interchangeable implementations of the model's pointwise ops.
 
-Plain torch ops; the GPU fast path swaps in fused Triton kernels through ``engine.kernels`` when the
-model runs on CUDA (same math, same reduction in fp32).
+``TorchOps`` is plain torch (the CPU path and the reference); ``TritonOps`` runs the fused Triton
+kernels of ``engine.kernels`` (same math, reductions in fp32). A model holds exactly one of them,
+chosen once when the engine is built (``LlamaForCausalLM.use_triton_ops``), and passes it down
+explicitly: no per-call device checks.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class RotaryEmbedding(nn.Module):
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
     ) -> None:
         super().__init__()
+        self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.int64).float(), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
@@ -72,6 +76,17 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def half_tables_fp32(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [max_positions, head_dim/2]`` in fp32, computed on ``device``.
+
+        The same frequencies (rope scaling included) as the module's own table, but never rounded
+        to the model dtype: ``model.to(bf16)`` casts the registered buffers, these stay fp32.
+        """
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
+        positions = torch.arange(self.max_positions, dtype=torch.int64, device=device).float()
+        freqs = torch.outer(positions, inv_freq)  # one fp32 multiply per entry, as HF computes it
+        return freqs.cos(), freqs.sin()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +103,71 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.intermediate_size = intermediate_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: TorchOps | TritonOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class TorchOps:
+    """Plain torch: the CPU path, and the reference the fused kernels are checked against.
+
+    ``add_rms_norm`` returns a new residual tensor (``residual + x``), exactly the ops an unfused
+    model runs, so results are bit-for-bit those of ``x = x + sublayer(norm(x))``.
+    """
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        return norm(x)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = residual + x
+        return norm(residual), residual
+
+    def rotary(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, rope: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope(positions, q, k)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * up
+
+
+class TritonOps:
+    """The fused Triton kernels: RMSNorm with the residual add folded in (residual updated in
+    place), rotary in place on q/k views of the fused qkv output, SiLU-and-mul in one pass.
+
+    Holds the fp32 rotary tables (``[max_positions, D/2]``) built from the model's own
+    ``RotaryEmbedding``, so rope scaling is applied exactly and never rounded to bf16.
+    Every launch depends only on shapes (no host sync), so a step is CUDA-graph capturable.
+    """
+
+    name = "triton"
+
+    def __init__(self, rope: RotaryEmbedding, device: torch.device) -> None:
+        from engine.kernels.activation import silu_and_mul
+        from engine.kernels.norm import fused_add_rms_norm, rms_norm
+        from engine.kernels.rotary import apply_rotary
+
+        self._rms_norm, self._fused_add_rms_norm = rms_norm, fused_add_rms_norm
+        self._apply_rotary, self._silu_and_mul = apply_rotary, silu_and_mul
+        self.cos, self.sin = rope.half_tables_fp32(device)
+
+    def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        return self._rms_norm(x, norm.weight, norm.eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fused_add_rms_norm(x, residual, norm.weight, norm.eps), residual
+
+    def rotary(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, rope: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._apply_rotary(q, k, positions, self.cos, self.sin)
+        return q, k
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._silu_and_mul(gate_up)

@@ -6,12 +6,24 @@ Hq / Hkv = query / key-value heads, D = head dim, V = vocab, L = layers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
-from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, TorchOps, TritonOps
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What every layer of one forward shares: the step's metadata and the chosen implementations."""
+
+    meta: AttentionMetadata
+    attn: AttentionBackend
+    ops: TorchOps | TritonOps
+    rope: RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
@@ -28,19 +40,17 @@ class LlamaAttention(nn.Module):
         self,
         x: torch.Tensor,  # [T, H]
         positions: torch.Tensor,  # [T]
-        rope: RotaryEmbedding,
+        ctx: ForwardContext,
         kv_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D] (views into the qkv output)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        attn.write_kv(k, v, kv_layer, meta.slot_mapping)
-        o = attn.attend(q, kv_layer, meta, self.scale)  # [T, Hq, D]
+        q, k = ctx.ops.rotary(positions, q, k, ctx.rope)
+        ctx.attn.write_kv(k, v, kv_layer, ctx.meta.slot_mapping)
+        o = ctx.attn.attend(q, kv_layer, ctx.meta, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -52,14 +62,31 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, kv_layer, meta, attn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_layer, meta, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        h: torch.Tensor,  # [T, H] this layer's input, already normalised by input_layernorm
+        residual: torch.Tensor,  # [T, H] the residual stream before this layer
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        kv_layer: torch.Tensor,
+        next_norm: RMSNorm,  # the next layer's input_layernorm, or the final norm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(next_norm(residual'), residual')`` with ``residual' = residual + attn + mlp``.
+
+        Each residual add is fused with the norm that follows it; with ``TritonOps`` the residual
+        tensor is updated in place."""
+        a = self.self_attn(h, positions, ctx, kv_layer)
+        h, residual = ctx.ops.add_rms_norm(a, residual, self.post_attention_layernorm)
+        m = self.mlp(h, ctx.ops)
+        return ctx.ops.add_rms_norm(m, residual, next_norm)
 
 
 class LlamaForCausalLM(nn.Module):
     """Decoder over a paged KV cache. ``forward`` returns hidden states; ``compute_logits`` the logits
-    of selected rows only (the last token of each sequence, or every verified position)."""
+    of selected rows only (the last token of each sequence, or every verified position).
+
+    Pointwise ops run through ``self.ops``: ``TorchOps`` unless ``use_triton_ops()`` switched the
+    model to the fused kernels (done once, when a CUDA engine with Triton attention is built)."""
 
     qkv_bias = False
 
@@ -75,6 +102,11 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict
         )
+        self.ops: TorchOps | TritonOps = TorchOps()
+
+    def use_triton_ops(self) -> None:
+        """Switch to the fused Triton kernels (CUDA). Call after the weights and ``rope`` are final."""
+        self.ops = TritonOps(self.rope, self.embed_tokens.weight.device)
 
     def forward(
         self,
@@ -84,10 +116,14 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:  # [T, H]
-        x = self.embed_tokens(input_ids)
+        ctx = ForwardContext(meta, attn, self.ops, self.rope)
+        residual = self.embed_tokens(input_ids)
+        h = self.ops.rms_norm(residual, self.layers[0].input_layernorm)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rope, kv_cache[i], meta, attn)
-        return self.norm(x)
+            next_norm = self.norm if i == last else self.layers[i + 1].input_layernorm
+            h, residual = layer(h, residual, positions, ctx, kv_cache[i], next_norm)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
         return self.lm_head(hidden).float()
