@@ -46,7 +46,7 @@ def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (lm_head included; embeddings stay float) in place."""
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("int8 weight-only quantization is implemented for the CPU path only")
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child))
