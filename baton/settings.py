@@ -184,6 +184,9 @@ class Settings:
         check=_at_least(1),
     )
     cache_dir: str = _setting("", _parse_str, "Directory for downloaded weights (empty: the user cache).")
+    tokenizer: str = _setting(
+        "", _parse_str, "Tokenizer folder for models without one, e.g. dummy weights (empty: the default model's)."
+    )
 
     # Which process this is and where it listens.
     role: str = _setting("serve", _parse_lower, "Which process this container runs.", check=_one_of(*ROLES))

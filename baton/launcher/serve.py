@@ -113,7 +113,7 @@ async def serve(opts: ServeOptions) -> int:
         first = next(m.info for m in controller.members.values() if m.info)
         tokenizer_dir = first["tokenizer_dir"] or source.tokenizer_dir
         if not tokenizer_dir:  # dummy weights: drive them with BATON_TOKENIZER or the default model's tokenizer
-            tokenizer_dir = os.environ.get("BATON_TOKENIZER") or resolve_model(None).tokenizer_dir
+            tokenizer_dir = s.tokenizer or resolve_model(None).tokenizer_dir
             _say("no tokenizer with dummy weights: using the default model's tokenizer")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
         backend = ClusterBackend(

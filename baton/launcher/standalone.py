@@ -88,7 +88,7 @@ async def run_router(s: Settings, fingerprint: str | None) -> int:
 
     store = _store(s)
     source = resolve_model(model_spec(s))
-    tokenizer = Tokenizer.from_dir(source.tokenizer_dir or resolve_model(None).tokenizer_dir)
+    tokenizer = Tokenizer.from_dir(source.tokenizer_dir or s.tokenizer or resolve_model(None).tokenizer_dir)
     first = None
     while first is None:  # the model's identity, from the first decode worker of the deployment
         workers = [w for w in await store.live_workers() if w.role == WorkerRole.DECODE and (fingerprint is None or w.model_fingerprint == fingerprint)]

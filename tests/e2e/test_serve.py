@@ -54,6 +54,28 @@ def test_status_lists_the_workers(served):
     assert all(w["healthy"] for w in status["workers"])
 
 
+def test_baton_bench_against_baton_serve(served, tmp_path):
+    """A brief ``baton bench`` run (tiny load): its JSON carries vLLM bench's fields."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "baton", "bench", "--base-url", served.url, "--dataset", "random", "--num-prompts", "6",
+         "--random-input-len", "32", "--random-output-len", "8", "--max-concurrency", "2", "--ignore-eos",
+         "--result-dir", str(tmp_path), "--result-filename", "bench.json", "--disable-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    for field in ("completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
+                  "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms", "total_output_tokens"):
+        assert field in result, field
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["total_output_tokens"] == 6 * 8
+    assert list(tmp_path.glob("*.png")), "plots were not written"
+
+
 def test_ctrl_c_leaves_nothing_behind(served):
     assert served.interrupt() == 0
     deadline = time.time() + 30
