@@ -31,3 +31,10 @@ class DecodeWorkerConfig:
     transport: str = "auto"  # gloo (CPU) | nccl (GPU) | loopback (tests) | auto
     secret: str = ""
     reservation_timeout_s: float = 60.0
+    # Speculative decoding (engine/spec_decode): None (off) | "ngram" | "draft". The draft model (same
+    # vocabulary; None: the target model itself) is prefilled here when a request's KV lands.
+    speculative: str | None = None
+    draft_model: str | None = None
+    draft_seed: int | None = None  # weights seed of a dummy draft model (None: the target's seed)
+    num_speculative_tokens: int = 8  # most draft tokens per request per step (the policy picks fewer)
+    adaptive_speculation: bool = True  # False: always the most draft tokens (tests, measurements)

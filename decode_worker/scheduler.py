@@ -11,7 +11,7 @@ Runs on the engine loop thread only.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.engine import LLMEngine
 from engine.request import Request, RequestStatus
@@ -24,6 +24,7 @@ class Reservation:
     handle: TransferHandle | None
     deadline: float  # time.time() based; dropped if not started by then
     started: bool = False
+    created: float = field(default_factory=time.monotonic)  # start of the KV transfer-time measurement
 
 
 class Refused(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 import uuid
@@ -13,10 +14,13 @@ from engine.builder import load_engine
 from engine.config import CacheConfig, SchedulerConfig
 from engine.engine import RequestOutput
 from engine.host import EngineHost
+from engine.metrics import KVTransferMetrics
 from engine.request import FinishReason
 from engine.sampling.params import SamplingParams
+from engine.spec_decode import SpecConfig, build_spec_decoder
 from kv_transfer.base import KVLayout, KVReceiver, TransferHandle, TransferState
 
+log = logging.getLogger(__name__)
 POLL_S = 0.0005  # KV-landed polling interval while a Decode call waits
 
 
@@ -55,11 +59,17 @@ class DecodeWorker:
             seed=config.seed,
             max_model_len=config.max_model_len,
         )
+        if config.speculative:
+            self.engine.set_spec(build_spec_decoder(self.engine, SpecConfig(
+                method=config.speculative, draft_model=config.draft_model or config.model, draft_seed=config.seed if config.draft_seed is None else config.draft_seed,
+                num_speculative_tokens=config.num_speculative_tokens, adaptive=config.adaptive_speculation,
+            )))  # fmt: skip
         self.kv_cache = self.engine.runner.kv_cache
         self.layout = KVLayout.of(self.kv_cache)
         self.receiver = make_receiver(config.transport, self.kv_cache, config.secret, self.worker_id, config.host, config.kv_port, loopback_hub)
         self.reservations = Reservations(self.engine, self.receiver, config.max_reservations, config.reserve_headroom_blocks)
-        self.host = EngineHost(self.engine, name=self.worker_id)
+        self.kv_transfer_metrics = KVTransferMetrics()  # reserve -> KV landed, per reservation
+        self.host = EngineHost(self.engine, name=self.worker_id, kv_transfer=self.kv_transfer_metrics)
         self.host.after_step = self.reservations.expire
         self.draining = False
         self.host.start()
@@ -141,11 +151,16 @@ class DecodeWorker:
         while True:
             state = self.receiver.poll(handle)
             if state == TransferState.SUCCESS:
+                waited = time.monotonic() - res.created
+                self.kv_transfer_metrics.on_success(waited, len(handle.block_ids) * self.layout.block_bytes)
+                log.debug("request %s: KV of %d blocks landed %.1f ms after reserve", res.req.request_id, len(handle.block_ids), waited * 1000)
                 return
             if state == TransferState.FAILED:
+                self.kv_transfer_metrics.on_failure()
                 why = self.receiver.error(handle) or "transfer failed"
                 raise Refused("TRANSFER_FAILED", f"KV transfer failed: {why}")
             if time.time() > limit:
+                self.kv_transfer_metrics.on_failure()
                 raise Refused("DEADLINE_EXCEEDED", "KV did not arrive before the reservation's deadline")
             if not is_active():
                 raise Refused("ABORTED", "caller went away", retryable=False)

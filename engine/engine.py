@@ -6,10 +6,12 @@ policies around them; this class is the single-process loop behind ``LLM`` and `
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.kv_cache.manager import KVCacheManager
+from engine.metrics import EngineMetrics
 from engine.request import FinishReason, Request, RequestStatus
 from engine.runner import ModelRunner, StepOutput
 from engine.sampling.params import SamplingParams
@@ -45,8 +47,14 @@ def check_stop(req: Request, token: int, max_model_len: int) -> FinishReason | N
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, runner: ModelRunner, kv: KVCacheManager, eos_token_ids: tuple[int, ...]
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        kv: KVCacheManager,
+        eos_token_ids: tuple[int, ...],
+        spec=None,
     ) -> None:
+        """``spec``: an ``engine.spec_decode.SpecDecoder`` (speculative decoding), or None."""
         self.config = config
         self.runner = runner
         self.kv = kv
@@ -56,6 +64,23 @@ class LLMEngine:
         self.max_model_len = config.max_model_len
         self.hold_blocks_on_finish = False
         self.fingerprint = ""
+        self.metrics = EngineMetrics()  # counters of what the scheduler ran (engine/metrics.py)
+        self.spec = None
+        if spec is not None:
+            self.set_spec(spec)
+
+    def set_spec(self, spec) -> None:
+        """Turn speculative decoding on (a ``SpecDecoder``) or off (None). Only while idle."""
+        if self.scheduler.has_work():
+            raise RuntimeError("change speculative decoding only while no request is running")
+        if spec is not None:
+            spec.bind(self)
+        self.spec = spec
+
+    @property
+    def spec_stats(self) -> dict | None:
+        """Cumulative speculative-decoding counters (``engine.metrics.SPEC_DECODE_KEYS`` and more)."""
+        return self.spec.metrics.snapshot() if self.spec is not None else None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
         if request_id in self.requests:
@@ -91,6 +116,8 @@ class LLMEngine:
             self.kv.free(req)  # not in the scheduler's queues
         else:
             self.scheduler.finish(req)
+        if self.spec is not None:
+            self.spec.forget(req)
         req.transition(RequestStatus.ABORTED)
         req.finish_reason = FinishReason.ABORT
 
@@ -98,33 +125,57 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            self.spec.propose()  # draft tokens for running decodes, before the scheduler sizes them
         batch = self.scheduler.schedule()
+        self.metrics.on_schedule(batch)  # before the empty check: a step may only preempt
         if batch.is_empty:
             return []
+        t0 = time.perf_counter()
+        if self.spec is not None:  # what the step costs depends on (measured for the spec policy)
+            shape = (len(batch.requests), batch.num_tokens, sum(1 for s in batch.requests if s.num_spec_tokens), all(s.samples for s in batch.requests))
         out = self.runner.execute(batch)
-        return self._update(batch, out)
+        results = self._update(batch, out)
+        if self.spec is not None:
+            self.spec.observe(*shape, time.perf_counter() - t0)
+        return results
 
     def _update(self, batch, out: StepOutput) -> list[RequestOutput]:
+        # A verification step returns logits, not tokens: the spec decoder turns them into tokens
+        # (it reads the scheduled draft counts, so before any request changes).
+        verified = self.spec.verify(batch, out.logits) if out.logits is not None else {}
         results = []
         for s in batch.requests:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
-            token = out.sampled.get(req.request_id)
-            if token is None:
+            # Draft positions count as computed only once accepted (below).
+            req.num_computed_tokens = min(req.num_computed_tokens + s.num_new_tokens, req.num_tokens)
+            req.spec_token_ids = []
+            if req.request_id in verified:
+                tokens, logprobs = verified[req.request_id]
+            elif req.request_id in out.sampled:
+                tokens, logprobs = [out.sampled[req.request_id]], [out.logprobs.get(req.request_id)]
+            else:
                 self.kv.register_computed_blocks(req)
                 continue
-            req.output_token_ids.append(token)
-            lp = out.logprobs.get(req.request_id)
-            req.output_logprobs.append(lp)
+            reason = None
+            n = 0
+            for token, lp in zip(tokens, logprobs, strict=True):
+                req.output_token_ids.append(token)
+                req.output_logprobs.append(lp)
+                n += 1
+                reason = check_stop(req, token, self.max_model_len)
+                if reason is not None:
+                    break  # tokens after a stop (or past max_tokens) are discarded
+            # Every emitted token but the last is an accepted draft whose KV this step wrote.
+            req.num_computed_tokens += n - 1
             self.kv.register_computed_blocks(req)
-            reason = check_stop(req, token, self.max_model_len)
             if reason is not None:
                 self.finish(req, reason)
             results.append(
                 RequestOutput(
                     req.request_id,
-                    (token,),
-                    (lp,),
+                    tuple(tokens[:n]),
+                    tuple(logprobs[:n]),
                     reason is not None,
                     reason,
                     req.num_prompt_tokens,
@@ -141,6 +192,8 @@ class LLMEngine:
         if req.is_finished or req.status == RequestStatus.SENDING_KV:
             return
         req.finish_reason = reason
+        if self.spec is not None:
+            self.spec.forget(req)
         if self.hold_blocks_on_finish and req.status == RequestStatus.RUNNING:
             self.scheduler.remove(req)
             req.transition(RequestStatus.SENDING_KV)
@@ -202,3 +255,5 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+        if self.spec is not None:
+            self.spec.check_integrity()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -18,6 +18,7 @@ from engine.builder import load_engine
 from engine.config import CacheConfig, SchedulerConfig
 from engine.request import FinishReason
 from engine.sampling.params import SamplingParams
+from engine.spec_decode.decoder import SpecConfig
 
 Prompt = str | Sequence[int]
 
@@ -59,6 +60,16 @@ class _TextTracker:
         upto = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
         return self._emit(upto), False
 
+    def push_all(self, token_ids: Sequence[int], final: bool) -> tuple[str, bool, int]:
+        """``push`` each token in turn. Returns (new text, stop string hit, tokens consumed)."""
+        text = ""
+        for i, token_id in enumerate(token_ids):
+            delta, stopped = self.push(token_id, final and i == len(token_ids) - 1)
+            text += delta
+            if stopped:
+                return text, True, i + 1
+        return text, False, len(token_ids)
+
     def _emit(self, upto: int) -> str:
         out = self.text[self.emitted : upto]
         self.emitted = max(self.emitted, upto)
@@ -82,7 +93,9 @@ class LLM:
         attention_backend: str = "auto",
         seed: int = 0,
         quantization: str | None = None,
+        speculative: SpecConfig | None = None,
     ) -> None:
+        """``speculative``: speculative decoding (n-gram or draft model), see ``engine.spec_decode``."""
         self.engine, self.source = load_engine(
             model,
             dtype=dtype,
@@ -96,6 +109,12 @@ class LLM:
         )
         self.tokenizer = Tokenizer.from_dir(self.source.tokenizer_dir) if self.source.tokenizer_dir else None
         self._ids = itertools.count()
+        if speculative is not None:
+            from engine.spec_decode import build_spec_decoder
+
+            if speculative.method == "draft" and speculative.draft_model is None:
+                speculative = replace(speculative, draft_model=model)  # the target as its own draft
+            self.engine.set_spec(build_spec_decoder(self.engine, speculative))
 
     # --- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -131,7 +150,7 @@ class LLM:
                 for o in self.engine.step():
                     if o.request_id != rid:
                         continue
-                    delta, stopped = tracker.push(o.new_token_ids[-1], o.finished)
+                    delta, stopped, _ = tracker.push_all(o.new_token_ids, o.finished)
                     if stopped:
                         self.engine.finish(req, FinishReason.STOP)
                     if delta:
@@ -155,10 +174,11 @@ class LLM:
                 out = outs.get(o.request_id)
                 if out is None:
                     continue
-                out.token_ids.extend(o.new_token_ids)
-                out.logprobs.extend(o.new_logprobs)
+                # A speculative step may emit several tokens: a stop string ends them where it matched.
+                delta, stopped, n = trackers[o.request_id].push_all(o.new_token_ids, o.finished)
+                out.token_ids.extend(o.new_token_ids[:n])
+                out.logprobs.extend(o.new_logprobs[:n])
                 out.num_cached_tokens = o.num_cached_tokens
-                delta, stopped = trackers[o.request_id].push(o.new_token_ids[-1], o.finished)
                 out.text += delta
                 if stopped and not o.finished:
                     self.engine.finish(reqs[o.request_id], FinishReason.STOP)

@@ -49,7 +49,7 @@ class FinishReason(enum.Enum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is equal only to itself (queues test membership by identity)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -70,6 +70,9 @@ class Request:
     num_preemptions: int = 0
     # Generator for seeded sampling; created lazily by the sampler so each request's draws are its own.
     generator: object | None = None
+    # Draft tokens proposed for this step (speculative decoding). They follow the known tokens, are
+    # verified by the step that computes them, and never count as known: ``num_tokens`` excludes them.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def transition(self, new: RequestStatus) -> None:
         if new == RequestStatus.ABORTED and not self.status.is_finished:
@@ -88,6 +91,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.spec_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

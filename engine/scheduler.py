@@ -5,6 +5,8 @@ There is no prefill phase or decode phase: each request has ``num_computed_token
 (decodes cost one token each, unfinished prefills continue in chunks), then waiting requests are
 admitted while budget, sequence slots and blocks last. When blocks run out for a running request, the
 newest running request is preempted (its blocks freed, recomputed later from the prefix cache).
+A running request may carry draft tokens (speculative decoding): they are scheduled right after its
+known tokens, so the step verifies them, and they are the first thing given up when blocks run short.
 """
 
 from __future__ import annotations
@@ -26,7 +28,18 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so its last row yields a token."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens >= r.num_tokens
+
+    @property
+    def num_spec_tokens(self) -> int:
+        """Draft tokens computed (and so verified) by this step: the rows past the known tokens."""
+        r = self.request
+        return max(0, r.num_computed_tokens + self.num_new_tokens - r.num_tokens)
+
+    @property
+    def num_logits_rows(self) -> int:
+        """Rows whose logits this step needs: the last known token's, plus one per draft token."""
+        return 1 + self.num_spec_tokens if self.samples else 0
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,11 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.requests)
+
+    @property
+    def has_spec(self) -> bool:
+        """True when some request verifies draft tokens this step (its logits go to the verifier)."""
+        return any(s.num_spec_tokens for s in self.requests)
 
     @property
     def is_empty(self) -> bool:
@@ -65,8 +83,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk_cap)
+            n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget, self.chunk_cap)
             while not self.kv.allocate_slots(req, n):
+                if req.spec_token_ids:  # speculation is optional: give it up before preempting anyone
+                    req.spec_token_ids = []
+                    n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk_cap)
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -95,6 +117,7 @@ class Scheduler:
         return ScheduledBatch(tuple(scheduled), tuple(preempted))
 
     def _preempt(self, req: Request) -> None:
+        req.spec_token_ids = []
         req.transition(RequestStatus.PREEMPTED)
         self.kv.free(req)
         req.num_preemptions += 1

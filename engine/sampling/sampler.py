@@ -80,14 +80,35 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(reqs) if not r.sampling.greedy]
         if rand:
-            x = logits[rand].float()
-            temps = torch.tensor([reqs[i].sampling.temperature for i in rand], device=x.device)
-            x = x / temps[:, None]
-            x = self._filter(x, [reqs[i] for i in rand])
-            probs = torch.softmax(x, dim=-1)
-            noise = torch.stack([self._exponential(reqs[i], probs.shape[1], probs.device) for i in rand])
+            probs = self.probabilities(logits[rand], [reqs[i] for i in rand])
+            noise = torch.stack([self.noise(reqs[i], probs.shape[1], probs.device) for i in rand])
             tokens[rand] = (probs / noise).argmax(dim=-1)
         return tokens.tolist()
+
+    # --- pieces shared with speculative verification (engine/spec_decode) -----------------------
+    def processed_logits(self, logits: torch.Tensor, reqs: list) -> torch.Tensor:
+        """Penalties, logit bias and the min_tokens mask applied (row i by ``reqs[i]``)."""
+        return self._process(logits, reqs)
+
+    def probabilities(self, logits: torch.Tensor, reqs: list) -> torch.Tensor:
+        """The distribution a non-greedy row is sampled from: temperature, then top-k/top-p/min-p."""
+        x = logits.float()
+        temps = torch.tensor([r.sampling.temperature for r in reqs], device=x.device)
+        x = self._filter(x / temps[:, None], reqs)
+        return torch.softmax(x, dim=-1)
+
+    def generator(self, req) -> torch.Generator:
+        """The request's own generator (from its seed, else from this sampler's seeder), made once."""
+        if req.generator is None:
+            seed = req.sampling.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeder).item())
+            req.generator = torch.Generator().manual_seed(seed)
+        return req.generator
+
+    def noise(self, req, n: int, device: torch.device) -> torch.Tensor:
+        """The request's next exponential-race noise vector (one per sampled token)."""
+        return self._exponential(req, n, device)
 
     def _filter(self, x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         top_k = torch.tensor(
@@ -108,10 +129,5 @@ class Sampler:
         return torch.empty_like(x).scatter_(1, order, sorted_x)
 
     def _exponential(self, req: Request, n: int, device: torch.device) -> torch.Tensor:
-        if req.generator is None:
-            seed = req.sampling.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeder).item())
-            req.generator = torch.Generator().manual_seed(seed)
         # Drawn on the CPU from the request's own generator, so it is reproducible on any device.
-        return torch.empty(n).exponential_(generator=req.generator).to(device)
+        return torch.empty(n).exponential_(generator=self.generator(req)).to(device)
