@@ -76,13 +76,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench_results/cpu_engine.json")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", default=None, help="our engine only: none | int8 (weight-only)")
+    ap.add_argument("--hf-dtype", default=None, help="HF's dtype (default: the same as ours)")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llm = LLM(dtype=args.dtype, device="cpu", max_num_batched_tokens=4096, max_num_seqs=64)
+    llm = LLM(dtype=args.dtype, device="cpu", max_num_batched_tokens=4096, max_num_seqs=64, quantization=args.quantization)
     dtype = llm.engine.config.dtype
-    weights = load_weights(llm.source, dtype, "cpu")
-    hf_model = LlamaForCausalLM(LlamaConfig(**weights.hf_config)).to(dtype).eval()
+    hf_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.hf_dtype] if args.hf_dtype else dtype
+    weights = load_weights(llm.source, hf_dtype, "cpu")
+    hf_model = LlamaForCausalLM(LlamaConfig(**weights.hf_config)).to(hf_dtype).eval()
     hf_model.load_state_dict(weights.tensors, strict=False)
     hf_model.tie_weights()
     vocab = llm.engine.config.model.vocab_size
@@ -93,6 +96,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "model": llm.source.name,
         "dtype": str(dtype),
+        "quantization": args.quantization or "none",
+        "hf_dtype": str(hf_dtype),
         "batch32_in128_out64": {"baton": ours(llm, p32, 64, args.repeats), "hf": hf(hf_model, p32, 64, args.repeats)},
         "batch1_in128_out64": {"baton": ours(llm, p1, 64, args.repeats), "hf": hf(hf_model, p1, 64, args.repeats)},
         "batch1_decode_rate": decode_only(llm, p1[0], 128),
@@ -101,7 +106,7 @@ def main() -> None:
         res[k]["ratio"] = res[k]["baton"]["output_tok_s"] / res[k]["hf"]["output_tok_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"\n{res['machine']} · {res['model']} · {res['dtype']}")
+    print(f"\n{res['machine']} · {res['model']} · ours {res['dtype']} (quantization {res['quantization']}) · HF {res['hf_dtype']}")
     print(f"{'workload':<26}{'Baton tok/s':>14}{'HF tok/s':>12}{'ratio':>8}")
     for k in ("batch32_in128_out64", "batch1_in128_out64"):
         r = res[k]

@@ -26,6 +26,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-policy", default=None, help="cache-aware | least-loaded | round-robin")
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks per worker (default: from memory)")
+    p.add_argument("--speculative", default=None, choices=["off", "ngram", "draft"], help="speculative decoding on decode workers")
     p.add_argument("--prefill-chunk", type=int, default=None, help="longest prefill chunk per step, in tokens (chunked prefill)")
     p.add_argument("--dashboard", action="store_true", default=None, help="start the Ray dashboard (off by default)")
 
@@ -39,7 +40,7 @@ def _settings(args: argparse.Namespace):
         model=args.model, dtype=args.dtype, num_prefill=args.num_prefill, num_decode=args.num_decode, host=args.host,
         http_port=args.port, grpc_port=args.grpc_port, redis_url=args.redis_url, block_size=args.block_size,
         max_model_len=args.max_model_len, routing_policy=args.routing_policy, gpus_per_worker=args.gpus_per_worker,
-        dashboard=args.dashboard,
+        dashboard=args.dashboard, speculative=args.speculative,
     )
 
 

@@ -87,6 +87,7 @@ async def serve(opts: ServeOptions) -> int:
         block_size=s.block_size, max_model_len=s.max_model_len or 4096, max_num_seqs=s.max_num_seqs or 64,
         max_num_batched_tokens=s.max_num_batched_tokens, num_kv_blocks=opts.num_kv_blocks,
         prefill_chunk_tokens=opts.prefill_chunk_tokens,
+        speculative=None if s.speculative == "off" else s.speculative,
         gpu_memory_utilization=s.gpu_memory_utilization, transport=s.kv_transport,
         metrics_port=0,  # several workers per host: free ports (ready() reports them); the router shows all
     )

@@ -47,6 +47,7 @@ async def run_worker(s: Settings, role: str) -> int:
         grpc_port=s.worker_grpc_port, kv_port=s.kv_port, block_size=s.block_size, max_model_len=s.max_model_len or 4096,
         max_num_seqs=s.max_num_seqs or 64, max_num_batched_tokens=s.max_num_batched_tokens,
         gpu_memory_utilization=s.gpu_memory_utilization, transport=s.kv_transport,
+        speculative=None if s.speculative == "off" or role != "decode" else s.speculative,
         metrics_port=s.metrics_port,  # one worker per container: the chart's PodMonitor scrapes this port
     )
     actor = await asyncio.to_thread(WorkerActor, spec)
