@@ -25,27 +25,41 @@ def served():
     s.kill_all()
 
 
-def test_chat_answers_and_matches_engine(served):
+def test_openai_client_matches_engine(served):
+    """Sync and async, streaming and not, chat and completions: greedy text equals the engine's."""
     client = OpenAI(base_url=served.url + "/v1", api_key="none")
     model = client.models.list().data[0].id
-    resp = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=32, temperature=0)
-    text = resp.choices[0].message.content
-    assert "Paris" in text
-    reference = LLM().chat(QUESTION, SamplingParams(max_tokens=32, temperature=0.0))[0].text
-    assert text == reference
+    llm = LLM()
+    greedy = SamplingParams(max_tokens=32, temperature=0.0)
+    chat_ref = llm.chat(QUESTION, greedy)[0].text
+    prompt = "The capital of France is"
+    comp_ref = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0))[0].text
+    assert "Paris" in chat_ref
 
-    # Streaming, async, and completions too.
-    async def stream() -> str:
+    resp = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=32, temperature=0)
+    assert resp.choices[0].message.content == chat_ref
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=32, temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == chat_ref
+    assert client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0).choices[0].text == comp_ref
+    parts = [c.choices[0].text for c in client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == comp_ref
+
+    async def run_async() -> tuple[str, str, str, str]:
         aclient = AsyncOpenAI(base_url=served.url + "/v1", api_key="none")
-        parts = []
+        chat = await aclient.chat.completions.create(model=model, messages=QUESTION, max_tokens=32, temperature=0)
+        chat_stream = []
         async for chunk in await aclient.chat.completions.create(model=model, messages=QUESTION, max_tokens=32, temperature=0, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
-                parts.append(chunk.choices[0].delta.content)
-        return "".join(parts)
+                chat_stream.append(chunk.choices[0].delta.content)
+        comp = await aclient.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
+        comp_stream = []
+        async for chunk in await aclient.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, stream=True):
+            if chunk.choices:
+                comp_stream.append(chunk.choices[0].text)
+        return chat.choices[0].message.content, "".join(chat_stream), comp.choices[0].text, "".join(comp_stream)
 
-    assert asyncio.run(stream()) == reference
-    comp = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
-    assert "Paris" in comp.choices[0].text
+    assert asyncio.run(run_async()) == (chat_ref, chat_ref, comp_ref, comp_ref)
 
 
 def test_status_lists_the_workers(served):
