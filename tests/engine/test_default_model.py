@@ -51,6 +51,29 @@ def test_greedy_chat_identical_to_hf(llm, hf):
     llm.engine.check_integrity()
 
 
+def test_per_step_logits_match_hf(llm, hf):
+    """Every step's logits (prefill's last row, then each decode step) within 1e-4 of HF's."""
+    from tests.engine.helpers import RecordingSampler
+
+    recorder = RecordingSampler()
+    original, llm.engine.runner.sampler = llm.engine.runner.sampler, recorder
+    try:
+        convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+        outs = llm.chat(convs, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    finally:
+        llm.engine.runner.sampler = original
+    for conv, out in zip(convs, outs, strict=True):
+        prompt = llm.render_chat(conv)
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+        ours = recorder.logits[out.request_id]
+        assert len(ours) == len(ref.logits) == 16
+        for step, (a, b) in enumerate(zip(ours, ref.logits, strict=True)):
+            diff = (a - b[0].float()).abs().max().item()
+            assert diff < 1e-4, f"step {step}: logits differ by {diff}"
+
+
 def test_answers_sensibly(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=32, temperature=0.0))
     assert "Paris" in out[0].text
