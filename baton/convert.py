@@ -109,6 +109,7 @@ def stats_to_proto(s: EngineStats) -> common_pb2.WorkerStats:
         request_queue_time_seconds=histogram_to_proto(s.queue_time),
         spec_decode_num_drafts=s.spec_decode.num_drafts, spec_decode_num_draft_tokens=s.spec_decode.num_draft_tokens,
         spec_decode_num_accepted_tokens=s.spec_decode.num_accepted_tokens,
+        spec_decode_num_accepted_tokens_per_pos=list(s.spec_decode.num_accepted_tokens_per_pos),
     )
 
 

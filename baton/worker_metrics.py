@@ -24,6 +24,7 @@ baton:kv_transfer_failures_total             counter    transfers that failed or
 baton:spec_decode_num_drafts_total           counter    speculative steps (zero when off)
 baton:spec_decode_num_draft_tokens_total     counter    tokens proposed
 baton:spec_decode_num_accepted_tokens_total  counter    tokens accepted
+baton:spec_decode_num_accepted_tokens_per_pos_total  counter  tokens accepted, label ``position``
 ===========================================  =========  ==============================================
 
 Ports: a worker process serves ``/metrics`` when given a metrics port (``--metrics-port``, or
@@ -81,8 +82,9 @@ _HISTOGRAMS = {
         "kv_transfer_time_seconds",
     ),
 }
+_PER_POSITION = "baton:spec_decode_num_accepted_tokens_per_pos"  # counter labelled by draft position
 # Family names as a Prometheus text parser reports them (counters without ``_total``).
-WORKER_FAMILIES: tuple[str, ...] = (*_GAUGES, *_COUNTERS, *_HISTOGRAMS)
+WORKER_FAMILIES: tuple[str, ...] = (*_GAUGES, *_COUNTERS, _PER_POSITION, *_HISTOGRAMS)
 
 
 def role_name(role: int) -> str:
@@ -108,6 +110,7 @@ def worker_families(infos: Iterable[common_pb2.WorkerInfo]) -> list[Metric]:
     gauges = {name: GaugeMetricFamily(name, doc, labels=LABELS) for name, (doc, _) in _GAUGES.items()}
     counters = {name: CounterMetricFamily(name, doc, labels=LABELS) for name, (doc, _) in _COUNTERS.items()}
     hists = {name: HistogramMetricFamily(name, doc, labels=LABELS) for name, (doc, _) in _HISTOGRAMS.items()}
+    per_pos = CounterMetricFamily(_PER_POSITION, "Draft tokens accepted, by position in the draft.", labels=[*LABELS, "position"])
     for info in infos:
         labels = [info.model_name, info.worker_id, role_name(info.role)]
         stats = info.stats
@@ -115,6 +118,8 @@ def worker_families(infos: Iterable[common_pb2.WorkerInfo]) -> list[Metric]:
             gauges[name].add_metric(labels, float(getattr(stats, field)))
         for name, (_, field) in _COUNTERS.items():
             counters[name].add_metric(labels, float(getattr(stats, field)))
+        for position, accepted in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            per_pos.add_metric([*labels, str(position)], float(accepted))
         for name, (_, field) in _HISTOGRAMS.items():
             h = getattr(stats, field)
             buckets = histogram_buckets(h)
@@ -122,7 +127,7 @@ def worker_families(infos: Iterable[common_pb2.WorkerInfo]) -> list[Metric]:
                 log.warning("worker %s sent a malformed %s histogram; skipped", info.worker_id, field)
                 continue
             hists[name].add_metric(labels, buckets, h.sum)
-    return [*gauges.values(), *counters.values(), *hists.values()]
+    return [*gauges.values(), *counters.values(), per_pos, *hists.values()]
 
 
 class WorkerCollector:

@@ -128,6 +128,7 @@ class SpecDecodeSnapshot:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()  # accepted drafts at position 0, 1, ...
 
 
 def spec_decode_snapshot(engine: object) -> SpecDecodeSnapshot:
@@ -135,4 +136,5 @@ def spec_decode_snapshot(engine: object) -> SpecDecodeSnapshot:
     stats = getattr(engine, "spec_stats", None)
     if not isinstance(stats, Mapping):
         return SpecDecodeSnapshot()
-    return SpecDecodeSnapshot(*(int(stats.get(key, 0)) for key in SPEC_DECODE_KEYS))
+    per_pos = tuple(int(n) for n in stats.get("num_accepted_tokens_per_pos", ()))
+    return SpecDecodeSnapshot(*(int(stats.get(key, 0)) for key in SPEC_DECODE_KEYS), num_accepted_tokens_per_pos=per_pos)

@@ -58,14 +58,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
+        ray_address = cfg.pop("ray_address", None)
         for key, value in cfg.items():
             attr = key.replace("-", "_")
             if not hasattr(args, attr):
                 raise ValueError(f"{args.config}: unknown key {key!r}")
             if getattr(args, attr) is None:
                 setattr(args, attr, value)
-        if "ray_address" in cfg:
-            os.environ["RAY_ADDRESS"] = cfg["ray_address"]
+        if ray_address:
+            os.environ["RAY_ADDRESS"] = ray_address
     return cmd_serve(args, join_existing=True)
 
 

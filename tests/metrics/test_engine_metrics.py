@@ -74,3 +74,18 @@ def test_spec_decode_counters_are_read_from_the_engine_dict() -> None:
     snap = spec_decode_snapshot(WithSpec())
     assert (snap.num_drafts, snap.num_draft_tokens, snap.num_accepted_tokens) == (3, 9, 5)
     assert spec_decode_snapshot(object()).num_drafts == 0
+
+
+def test_spec_decode_acceptance_per_position_is_exported() -> None:
+    from baton.v1 import common_pb2
+    from baton.worker_metrics import worker_families
+
+    class WithSpec:
+        spec_stats = {"num_drafts": 2, "num_draft_tokens": 6, "num_accepted_tokens": 4, "num_accepted_tokens_per_pos": [2, 1, 1]}
+
+    snap = spec_decode_snapshot(WithSpec())
+    assert snap.num_accepted_tokens_per_pos == (2, 1, 1)
+    stats = common_pb2.WorkerStats(spec_decode_num_accepted_tokens_per_pos=list(snap.num_accepted_tokens_per_pos))
+    info = common_pb2.WorkerInfo(worker_id="d0", role=common_pb2.WORKER_ROLE_DECODE, model_name="m", stats=stats)
+    family = next(f for f in worker_families([info]) if f.name == "baton:spec_decode_num_accepted_tokens_per_pos")
+    assert {(s.labels["position"], s.value) for s in family.samples if s.name.endswith("_total")} == {("0", 2.0), ("1", 1.0), ("2", 1.0)}
