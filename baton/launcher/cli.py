@@ -67,6 +67,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 setattr(args, attr, value)
         if ray_address:
             os.environ["RAY_ADDRESS"] = ray_address
+    # Token authentication stays on when joining (Ray reads this when it is imported).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     return cmd_serve(args, join_existing=True)
 
 

@@ -60,12 +60,16 @@ def _start_ray(s: Settings, opts: ServeOptions, workers: int) -> None:
     runtime_env = {"env_vars": env}
     if address:
         _say(f"joining Ray cluster at {address}")
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        node_ip = "127.0.0.1" if address.split(":")[0] in ("127.0.0.1", "localhost") else None
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, _node_ip_address=node_ip)
     else:
         # Logical CPUs: one per worker actor plus the driver, whatever the core count (actors mostly wait).
         num_cpus = max(os.cpu_count() or 1, workers + 1)
         _say("starting a local Ray instance (dashboard off unless --dashboard)")
-        ray.init(num_cpus=num_cpus, include_dashboard=s.dashboard, runtime_env=runtime_env, log_to_driver=False)
+        # A one-machine cluster stays on loopback when Baton itself does.
+        node_ip = "127.0.0.1" if s.host in ("127.0.0.1", "localhost") else None
+        ray.init(num_cpus=num_cpus, include_dashboard=s.dashboard, runtime_env=runtime_env, log_to_driver=False,
+                 _node_ip_address=node_ip)
 
 
 async def serve(opts: ServeOptions) -> int:

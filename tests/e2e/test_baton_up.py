@@ -20,8 +20,9 @@ from tests.e2e.serving import free_port, ray_processes
 def ray_head():
     assert not ray_processes(), f"Ray already running here: {ray_processes()}"
     port = free_port()
-    subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    subprocess.run(["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=env)
     yield f"127.0.0.1:{port}"
     subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
 
