@@ -36,9 +36,12 @@ class KVCacheManager:
 
     def update_hashes(self, req: Request) -> None:
         """Extend ``req.block_hashes`` over every full block of its known tokens."""
-        tokens = req.all_token_ids
         bs = self.block_size
-        for i in range(len(req.block_hashes), len(tokens) // bs):
+        full = req.num_tokens // bs
+        if len(req.block_hashes) >= full:
+            return  # the usual decode step: no new full block, so no O(context) token copy
+        tokens = req.all_token_ids
+        for i in range(len(req.block_hashes), full):
             parent = req.block_hashes[-1] if req.block_hashes else self._root
             req.block_hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs]))
 
