@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterator
 
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.scheduler import Refused, Reservation, Reservations
-from engine.builder import load_engine
-from engine.config import CacheConfig, SchedulerConfig
+from engine.builder import load_worker_engine
 from engine.engine import RequestOutput
 from engine.host import EngineHost
 from engine.metrics import KVTransferMetrics
@@ -50,15 +49,7 @@ class DecodeWorker:
             raise ValueError("a shared secret is required (BATON_SECRET): peers authenticate with it")
         self.config = config
         self.worker_id = config.worker_id or f"decode-{uuid.uuid4().hex[:8]}"
-        self.engine, self.source = load_engine(
-            config.model,
-            dtype=config.dtype,
-            device=config.device,
-            cache=CacheConfig(block_size=config.block_size, num_blocks=config.num_kv_blocks, cpu_kv_cache_bytes=config.kv_cache_bytes, gpu_memory_utilization=config.gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens, long_prefill_token_threshold=config.prefill_chunk_tokens),
-            seed=config.seed,
-            max_model_len=config.max_model_len,
-        )
+        self.engine, self.source = load_worker_engine(config)
         if config.speculative:
             self.engine.set_spec(build_spec_decoder(self.engine, SpecConfig(
                 method=config.speculative, draft_model=config.draft_model or config.model, draft_seed=config.seed if config.draft_seed is None else config.draft_seed,

@@ -253,3 +253,27 @@ def load_engine(
             engine.eos_token_ids = tuple(eos)
     engine.model_name = source.name
     return engine, source
+
+
+def load_worker_engine(config):
+    """``load_engine`` from a worker config (prefill or decode: both carry the same engine fields —
+    model, dtype, device, seed, block_size, num_kv_blocks, kv_cache_bytes, gpu_memory_utilization,
+    max_num_seqs, max_num_batched_tokens, prefill_chunk_tokens, max_model_len). Returns (engine, source)."""
+    return load_engine(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        cache=CacheConfig(
+            block_size=config.block_size,
+            num_blocks=config.num_kv_blocks,
+            cpu_kv_cache_bytes=config.kv_cache_bytes,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            long_prefill_token_threshold=config.prefill_chunk_tokens,
+        ),
+        seed=config.seed,
+        max_model_len=config.max_model_len,
+    )

@@ -6,8 +6,7 @@ import dataclasses
 import time
 import uuid
 
-from engine.builder import load_engine
-from engine.config import CacheConfig, SchedulerConfig
+from engine.builder import load_worker_engine
 from engine.host import EngineHost
 from engine.metrics import KVTransferMetrics
 from engine.sampling.params import SamplingParams
@@ -42,15 +41,7 @@ class PrefillWorker:
             raise ValueError("a shared secret is required (BATON_SECRET): peers authenticate with it")
         self.config = config
         self.worker_id = config.worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
-        self.engine, self.source = load_engine(
-            config.model,
-            dtype=config.dtype,
-            device=config.device,
-            cache=CacheConfig(block_size=config.block_size, num_blocks=config.num_kv_blocks, cpu_kv_cache_bytes=config.kv_cache_bytes, gpu_memory_utilization=config.gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens, long_prefill_token_threshold=config.prefill_chunk_tokens),
-            seed=config.seed,
-            max_model_len=config.max_model_len,
-        )
+        self.engine, self.source = load_worker_engine(config)
         self.engine.hold_blocks_on_finish = True  # KV stays pinned until the decode side has it
         self.kv_cache = self.engine.runner.kv_cache
         self.layout = KVLayout.of(self.kv_cache)
