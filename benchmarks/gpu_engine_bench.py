@@ -207,6 +207,33 @@ def launch_costs(engine) -> dict:
     return out
 
 
+def kernel_profile(engine, reps: int = 20) -> dict:
+    """Device time of the kernels of one batch-1 decode graph replay, by kernel name (torch.profiler;
+    CUPTI traces the kernels inside a graph): the 25 largest and the sum of all, in microseconds per
+    replay. Run after ``decode_breakdown`` has filled the graph's inputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = engine.runner.graphs.graphs[1][0]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:
+            us = getattr(event, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append(
+                {"kernel": event.key[:120], "us_per_step": us / reps, "calls_per_step": event.count / reps}
+            )
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"sum_us_per_step": sum(r["us_per_step"] for r in rows), "top": rows[:25]}
+
+
 def decode_breakdown(engine) -> dict:
     """Device time of one batch-1 decode graph replay (no host work), the phases of engine steps,
     and the host cost of a graph step. Writes KV: run it only on an engine about to be discarded."""
@@ -219,6 +246,10 @@ def decode_breakdown(engine) -> dict:
     graphs = engine.runner.graphs
     graphs.run([1], [500], [list(range(40))])  # valid batch-1 inputs for the replays below
     out["graph_replay_ms"] = _median_ms(graphs.graphs[1][0].replay, reps=50)
+    try:
+        out["kernels"] = kernel_profile(engine)
+    except Exception as exc:  # diagnostics only
+        out["kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     return out
 
 
@@ -352,10 +383,11 @@ def bench_model(res: dict, args, copy_gbs: float, save) -> None:
     }
     print(f"  ours batch 1: {json.dumps(res['ours_batch1'])}", flush=True)
     save()
-    run_ours(engine, random_prompts(c_n, c_prompt, vocab, seed=2), c_new, "warm64")
-    res["ours_concurrent"] = run_ours(engine, random_prompts(c_n, c_prompt, vocab, seed=3), c_new, "c")
-    print(f"  ours {c_n} concurrent: {json.dumps(res['ours_concurrent'])}", flush=True)
-    save()
+    if "concurrent" in args.workloads:
+        run_ours(engine, random_prompts(c_n, c_prompt, vocab, seed=2), c_new, "warm64")
+        res["ours_concurrent"] = run_ours(engine, random_prompts(c_n, c_prompt, vocab, seed=3), c_new, "c")
+        print(f"  ours {c_n} concurrent: {json.dumps(res['ours_concurrent'])}", flush=True)
+        save()
     if args.profile:
         try:
             res["ours_breakdown"] = decode_breakdown(engine)
@@ -460,6 +492,11 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-models", default="", help="run the HF peers only for these shapes (default: all)")
     ap.add_argument("--profile", action="store_true", help="time the parts of a decode step (diagnostics)")
+    ap.add_argument(
+        "--workloads",
+        default="batch1,concurrent",
+        help="which of ours to run: batch1 always, concurrent optional",
+    )
     ap.add_argument(
         "--skip-compile", action="store_true", help="skip HF static+compile and continuous batching"
     )

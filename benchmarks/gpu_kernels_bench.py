@@ -1,13 +1,17 @@
 """GPU kernel microbenchmarks: ceilings, paged attention, fused ops — one command, a table and JSON.
 
     python benchmarks/gpu_kernels_bench.py [--out bench_results/gpu_kernels.json] [--quick] [--variants]
+                                           [--sections decode,prefill,pointwise,gemv]
 
 Measures, in one run on one card:
   * ceilings: device-to-device copy of 4 GiB (bytes read + written) and a bf16 8192^3 matmul;
   * decode attention (Llama-3.1-8B attention shape: 32 q heads, 8 KV heads, D 128, bf16, block 16)
     at context 512..32k and batch 1/16/64, as % of the copy bandwidth (bytes = K + V read);
   * prefill attention TFLOP/s (causal FLOPs) next to torch SDPA on the same, but dense, data;
-  * every kernel next to its plain-torch reference.
+  * every kernel next to its plain-torch reference;
+  * few-row GEMV (Llama-3.1-8B / 3.2-1B linears at M = 1): F.linear (cuBLAS) next to the Triton
+    gemv, in TB/s of weight read, single calls and back to back in a CUDA graph, and which one
+    ``GemvDispatch`` picks.
 Timing: CUDA events around each call, L2 flushed before each repetition, warmup, median.
 """
 
@@ -26,8 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.gemv_dispatch import GemvDispatch, GemvShape  # noqa: E402
 from engine.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from engine.kernels.decode_attention import choose_num_splits, decode_attention, decode_attention_ref  # noqa: E402
+from engine.kernels.gemv import GemvConfig, gemv, gemv_config  # noqa: E402
 from engine.kernels.kv_write import kv_write, kv_write_ref  # noqa: E402
 from engine.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
@@ -255,15 +261,96 @@ def pointwise_cases(timer: Timer) -> list[dict]:
     return rows
 
 
+GEMV_SHAPES = [  # (model, linear, N, K): x [1, K] @ W[N, K]^T, bf16
+    ("8B", "qkv", 6144, 4096), ("8B", "o_proj", 4096, 4096), ("8B", "gate_up", 28672, 4096),
+    ("8B", "down", 4096, 14336), ("8B", "lm_head", 128256, 4096),
+    ("1B", "qkv", 3072, 2048), ("1B", "o_proj", 2048, 2048), ("1B", "gate_up", 16384, 2048),
+    ("1B", "down", 2048, 8192), ("1B", "lm_head", 128256, 2048),
+]  # fmt: skip
+
+GEMV_VARIANTS = [  # CUDA-core tiles (skipped where the accumulator would spill) and tensor-core tiles
+    *(GemvConfig(bn, bk, 1, w) for bn in (1, 2, 4) for bk in (512, 1024, 2048) for w in (4, 8)),
+    *(GemvConfig(bn, bk, 1, 4, st, tensor_cores=True) for bn in (16, 32, 64) for bk in (256, 512) for st in (3, 4)),
+    GemvConfig(1, 1024, 2), GemvConfig(32, 512, 2, 4, 3, tensor_cores=True),
+    GemvConfig(32, 512, 4, 4, 3, tensor_cores=True),
+]  # fmt: skip
+
+
+def _config_name(cfg: GemvConfig) -> str:
+    kind = "tc" if cfg.tensor_cores else "fma"
+    return f"{kind} {cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+
+
+def _gemv_weights(n: int, k: int, min_bytes: int = 160 << 20, max_copies: int = 16) -> list[torch.Tensor]:
+    """Enough distinct weights that calls back to back in a graph miss in L2, like successive layers."""
+    copies = max(1, min(max_copies, -(-min_bytes // (n * k * 2))))
+    return [torch.randn(n, k, dtype=DTYPE, device="cuda") for _ in range(copies)]
+
+
+def gemv_cases(timer: Timer, copy_gbs: float, rows_list: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
+    dispatch = GemvDispatch("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = []
+    for rows in rows_list:
+        for model, name, n, k in GEMV_SHAPES:
+            ws = _gemv_weights(n, k)
+            x = torch.randn(rows, k, dtype=DTYPE, device="cuda")
+            want = F.linear(x, ws[0]).float()
+            if (gemv(x, ws[0]).float() - want).norm() > 1e-2 * want.norm():
+                raise AssertionError(f"gemv differs from F.linear on {model} {name} M={rows}")
+            nbytes = n * k * 2
+            torch_ms, gemv_ms = timer(partial(F.linear, x, ws[0])), timer(partial(gemv, x, ws[0]))
+            torch_graph_ms = timer.graph([partial(F.linear, x, w) for w in ws])
+            gemv_graph_ms = timer.graph([partial(gemv, x, w) for w in ws])
+            (choice,) = dispatch.prepare([GemvShape(rows, n, k, DTYPE)], weights={(n, k, DTYPE): ws[0]})
+            out.append({
+                "case": f"{model} {name} N={n} K={k}", "M": rows, "MB": nbytes / 1e6,
+                "config": _config_name(gemv_config(rows, n, k, 2, sms)),
+                "torch_us": torch_ms * 1e3, "torch_TBps": nbytes / torch_ms / 1e9,
+                "gemv_us": gemv_ms * 1e3, "gemv_TBps": nbytes / gemv_ms / 1e9,
+                "torch_graph_us": torch_graph_ms * 1e3, "torch_graph_TBps": nbytes / torch_graph_ms / 1e9,
+                "gemv_graph_us": gemv_graph_ms * 1e3, "gemv_graph_TBps": nbytes / gemv_graph_ms / 1e9,
+                "pct_copy_bw_gemv_graph": 100 * nbytes / gemv_graph_ms / 1e6 / copy_gbs,
+                "pick": "gemv" if choice.use_gemv else "F.linear",
+                "pick_gemv_us": choice.gemv_us, "pick_torch_us": choice.torch_us,
+            })  # fmt: skip
+    return out
+
+
+def gemv_variants(timer: Timer, rows_list: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
+    """Every tile variant on every shape (graph-timed over distinct weights), to tune ``gemv_config``."""
+    out = []
+    for model, name, n, k in GEMV_SHAPES:
+        ws = _gemv_weights(n, k)
+        nbytes = n * k * 2
+        for rows in rows_list:
+            x = torch.randn(rows, k, dtype=DTYPE, device="cuda")
+            for cfg in GEMV_VARIANTS:
+                acc = (16 if cfg.tensor_cores else rows * cfg.block_k) * cfg.block_n
+                if acc > 128 * 32 * cfg.num_warps or (cfg.block_k > 1024 and rows > 1):
+                    continue  # the accumulator would spill
+                row = {"case": f"{model} {name}", "M": rows, "config": _config_name(cfg)}
+                try:
+                    ms = timer.graph([partial(gemv, x, w, config=cfg) for w in ws], reps=10)
+                except Exception as exc:  # a variant that fails to compile is reported, not fatal
+                    out.append({**row, "error": repr(exc)[:200]})
+                    continue
+                out.append({**row, "graph_us": ms * 1e3, "TBps": nbytes / ms / 1e9})
+    return out
+
+
 def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
-    widths = [34 if c in ("case", "tiles", "error") else max(len(c), 8) for c in cols]
+    widths = [
+        34 if c in ("case", "tiles", "error") else 26 if c == "config" else max(len(c), 8) for c in cols
+    ]
     print(f"\n{title}")
     print("  ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         cells = []
         for c, w in zip(cols, widths, strict=True):
             v = r.get(c, "")
-            cells.append(f"{v:>{w}.1f}" if isinstance(v, float) else f"{str(v)[:w]:>{w}}")
+            fmt = ".2f" if c.endswith("TBps") else ".1f"
+            cells.append(f"{v:>{w}{fmt}}" if isinstance(v, float) else f"{str(v)[:w]:>{w}}")
         print("  ".join(cells))
 
 
@@ -273,8 +360,19 @@ def main() -> None:
     )
     parser.add_argument("--out", default="bench_results/gpu_kernels.json")
     parser.add_argument("--quick", action="store_true", help="fewer contexts and batches")
-    parser.add_argument("--variants", action="store_true", help="also sweep decode tile/split variants")
+    parser.add_argument(
+        "--variants", action="store_true", help="also sweep decode/prefill/gemv tile variants"
+    )
+    parser.add_argument(
+        "--sections",
+        default="decode,prefill,pointwise,gemv",
+        help="comma list of sections to run (ceilings always run)",
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"decode", "prefill", "pointwise", "gemv"}
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.manual_seed(0)
@@ -292,13 +390,20 @@ def main() -> None:
     copy_gbs = result["ceilings"]["copy_GBps"]
     contexts = [512, 4096, 32768] if args.quick else [512, 1024, 2048, 4096, 8192, 16384, 32768]
     batches = [1, 16] if args.quick else [1, 16, 64]
-    result["decode_attention"] = decode_sweep(timer, copy_gbs, contexts, batches, ref_limit_bytes=4 * GIB)
-    if args.variants:
-        result["decode_variants"] = decode_variants(timer, copy_gbs)
-    result["prefill_attention"], prefill_variants = prefill_cases(timer, args.variants)
-    if args.variants:
-        result["prefill_variants"] = prefill_variants
-    result["pointwise"] = pointwise_cases(timer)
+    if "decode" in sections:
+        result["decode_attention"] = decode_sweep(timer, copy_gbs, contexts, batches, ref_limit_bytes=4 * GIB)
+        if args.variants:
+            result["decode_variants"] = decode_variants(timer, copy_gbs)
+    if "prefill" in sections:
+        result["prefill_attention"], prefill_variants = prefill_cases(timer, args.variants)
+        if args.variants:
+            result["prefill_variants"] = prefill_variants
+    if "pointwise" in sections:
+        result["pointwise"] = pointwise_cases(timer)
+    if "gemv" in sections:
+        result["gemv"] = gemv_cases(timer, copy_gbs)
+        if args.variants:
+            result["gemv_variants"] = gemv_variants(timer)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,18 +416,28 @@ def main() -> None:
     print(
         f"copy bandwidth {c['copy_GBps']:.0f} GB/s (4 GiB, read + write); bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s"
     )
-    if args.variants:
+    if "gemv_variants" in result:
+        _print_table("gemv variants (bf16, graph-timed)", result["gemv_variants"],
+                     ["case", "M", "config", "graph_us", "TBps", "error"])  # fmt: skip
+    if "decode_variants" in result:
         _print_table("decode variants", result["decode_variants"],
                      ["batch", "context", "block_n", "num_warps", "num_stages", "num_splits", "graph_us", "pct_copy_bw_graph", "error"])  # fmt: skip
-    if args.variants:
+    if "prefill_variants" in result:
         _print_table(
             "prefill variants", result["prefill_variants"], ["case", "tiles", "us", "TFLOPs", "error"]
         )
-    _print_table("prefill attention (Llama-3.1-8B heads, bf16, block 16)", result["prefill_attention"],
-                 ["case", "us", "TFLOPs", "torch_sdpa_dense_TFLOPs", "torch_ref_us"])  # fmt: skip
-    _print_table("fused ops (bf16)", result["pointwise"], ["case", "us", "GBps", "torch_ref_us"])
-    _print_table("decode attention (Llama-3.1-8B heads, bf16, block 16; % of copy bandwidth)", result["decode_attention"],
-                 ["batch", "context", "splits", "us", "pct_copy_bw", "graph_calls", "graph_us", "pct_copy_bw_graph", "torch_ref_us"])  # fmt: skip
+    if "prefill_attention" in result:
+        _print_table("prefill attention (Llama-3.1-8B heads, bf16, block 16)", result["prefill_attention"],
+                     ["case", "us", "TFLOPs", "torch_sdpa_dense_TFLOPs", "torch_ref_us"])  # fmt: skip
+    if "pointwise" in result:
+        _print_table("fused ops (bf16)", result["pointwise"], ["case", "us", "GBps", "torch_ref_us"])
+    if "gemv" in result:
+        _print_table("gemv, bf16 (TB/s of weight read; graph = back to back over distinct weights)", result["gemv"],
+                     ["case", "M", "config", "torch_us", "torch_TBps", "gemv_us", "gemv_TBps", "torch_graph_us",
+                      "torch_graph_TBps", "gemv_graph_us", "gemv_graph_TBps", "pick"])  # fmt: skip
+    if "decode_attention" in result:
+        _print_table("decode attention (Llama-3.1-8B heads, bf16, block 16; % of copy bandwidth)", result["decode_attention"],
+                     ["batch", "context", "splits", "us", "pct_copy_bw", "graph_calls", "graph_us", "pct_copy_bw_graph", "torch_ref_us"])  # fmt: skip
     print(f"\nwrote {out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -12,8 +13,10 @@ from engine.engine import LLMEngine
 from engine.kv_cache.manager import KVCacheManager
 from engine.models import model_class
 from engine.models.llama import LlamaForCausalLM
-from engine.runner import ModelRunner
+from engine.runner import DEFAULT_MAX_GRAPH_BATCH, ModelRunner
 from engine.sampling.sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -37,6 +40,13 @@ def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(table)} or 'auto'")
     return table[name]
+
+
+def _quantized_dtype(dtype: str | torch.dtype | None, quantization: str | None) -> str | torch.dtype | None:
+    """The int4 mode computes in bf16: ``auto`` means bf16 there (the model, activations, KV cache)."""
+    if quantization == "int4" and dtype in (None, "auto"):
+        return "bfloat16"
+    return dtype
 
 
 def build_model(
@@ -176,21 +186,25 @@ def build_engine(
     seed: int = 0,
     max_model_len: int | None = None,
     quantization: str | None = None,
+    capture_graphs: bool = True,
+    quantization_gguf: str | None = None,
 ) -> LLMEngine:
+    """The engine for ``tensors`` (HF names). On CUDA with Triton attention, ``capture_graphs``
+    records the CUDA graphs of every step size up front: captured lazily, the first step of each new
+    size would stall the whole engine (a capture synchronises the device) while it serves."""
     cfg = ModelConfig.from_hf_dict(hf_config)
-    dt = parse_dtype(dtype, device)
+    dt = parse_dtype(_quantized_dtype(dtype, quantization), device)
     cache = cache or CacheConfig()
     scheduler = scheduler or SchedulerConfig()
     limit = max_model_len or scheduler.max_model_len or cfg.max_position_embeddings
     limit = min(limit, cfg.max_position_embeddings, cfg.sliding_window or limit)
     scheduler = replace(scheduler, max_model_len=limit)
     model = build_model(cfg, tensors, dt, device, max_positions=limit)
-    if quantization == "int8":
-        from engine.quantization import quantize_int8_weight_only
+    if quantization not in (None, "none"):
+        from engine.quantization import quantize_model
 
-        quantize_int8_weight_only(model)
-    elif quantization not in (None, "none"):
-        raise ValueError(f"unknown quantization {quantization!r}; expected none or int8")
+        # quantization_gguf: the GGUF the tensors came from; int4 uses its Q4_1 blocks as stored.
+        quantize_model(model, quantization, gguf_path=quantization_gguf)
     num_blocks = plan_num_blocks(
         cfg, cache, dt, device, model=model, scheduler=scheduler, attention_backend=attention_backend
     )
@@ -210,8 +224,16 @@ def build_engine(
     fingerprint = model_fingerprint(cfg, dt, cache.block_size, weights_id)
     kv = KVCacheManager(num_blocks, cache.block_size, fingerprint, cache.enable_prefix_caching)
     runner = ModelRunner(
-        model, kv_cache, get_attention_backend(attention_backend, device), cache.block_size, Sampler(seed)
+        model,
+        kv_cache,
+        get_attention_backend(attention_backend, device),
+        cache.block_size,
+        Sampler(seed),
+        max_graph_batch=min(DEFAULT_MAX_GRAPH_BATCH, scheduler.max_num_batched_tokens),
     )
+    if capture_graphs and runner.graphs is not None:
+        seconds = runner.capture_cuda_graphs()
+        logger.info("captured %d CUDA graphs in %.1f s", len(runner.graphs.graphs), seconds)
     engine = LLMEngine(config, runner, kv, cfg.eos_token_ids)
     engine.fingerprint = fingerprint
     return engine
@@ -237,13 +259,22 @@ def load_engine(
     if torch.device(device).type == "cuda" and torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))  # weights, cache and graphs all on this GPU
     source = resolve_model(model)
-    dt = parse_dtype(dtype, device)
+    dt = parse_dtype(_quantized_dtype(dtype, quantization), device)
     weights = load_weights(source, dt, device, seed)
     weights_id = source.weights_id + (f":seed={seed}" if source.kind == "dummy" else "")
     engine = build_engine(
-        weights.hf_config, weights.tensors, dtype=dt, device=device, cache=cache, scheduler=scheduler,
-        attention_backend=attention_backend, weights_id=weights_id + (f":{quantization}" if quantization else ""), seed=seed,
-        max_model_len=max_model_len, quantization=quantization,
+        weights.hf_config,
+        weights.tensors,
+        dtype=dt,
+        device=device,
+        cache=cache,
+        scheduler=scheduler,
+        attention_backend=attention_backend,
+        weights_id=weights_id + (f":{quantization}" if quantization else ""),
+        seed=seed,
+        max_model_len=max_model_len,
+        quantization=quantization,
+        quantization_gguf=str(source.path) if quantization == "int4" and source.kind == "gguf" else None,
     )
     if source.tokenizer_dir:
         from baton.text import Tokenizer

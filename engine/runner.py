@@ -3,20 +3,26 @@
 It owns the model, the KV cache tensor and the attention backend, and nothing about policy.
 
 On CUDA with the Triton attention backend the runner switches the model to the fused Triton ops
-(once, here) and replays decode-only steps from CUDA graphs (``engine/cuda_graphs.py``); other
-steps (prefill chunks, mixed batches, batches above the largest bucket) run eagerly. Either way a
-step's integer inputs travel to the device in one copy from a pinned buffer.
+(once, here) and replays steps of short queries from CUDA graphs (``engine/cuda_graphs.py``):
+decodes, draft verifications (1 + k tokens) and tiny prefill chunks. A graph runs one query row
+per token; a request's ``n`` tokens become ``n`` rows at consecutive positions sharing its block
+table, row ``j`` attending to the first ``start + j + 1`` positions. That is exact causal attention:
+every row's K/V is written before any row of the layer attends. Other steps (long prefill chunks,
+batches above the largest bucket) run eagerly. Either way a step's integer inputs travel to the
+device in one copy from a pinned buffer.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.cuda_graphs import DecodeGraphs, PinnedStaging
+from engine.cuda_graphs import DecodeGraphs, PinnedStaging, graph_batch_sizes
+from engine.gemv_dispatch import GemvDispatch, install_gemv
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampling.sampler import Logprobs, Sampler
@@ -24,6 +30,14 @@ from engine.scheduler import ScheduledBatch
 
 # Decode graphs are captured lazily per bucket, so a generous cap costs nothing until used.
 DEFAULT_MAX_GRAPH_BATCH = 256
+# Steps the host may launch beyond the one the device is running (overlap without a backlog).
+MAX_STEPS_AHEAD = 1
+# Most query tokens of one request in a graph step: decodes and verifications of up to 15 drafts.
+MAX_GRAPH_QUERY_LEN = 16
+# A graph row re-reads its request's whole context, so a request's extra rows cost extra KV reads;
+# past this many bytes (about 1.4 ms of HBM bandwidth, the order of an eager step's launch
+# overhead) the step runs eagerly, where the prefill kernel reads each context once.
+MAX_GRAPH_EXTRA_KV_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -77,10 +91,18 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.device = kv_cache.device
+        # K and V of one token over all layers: [L, 2, ..., Hkv, D] per slot.
+        self.kv_bytes_per_token = kv_cache[:, :, 0, 0].numel() * kv_cache.element_size()
         self.uses_triton_ops = self.device.type == "cuda" and attn.name == "triton"
         if self.uses_triton_ops:
             model.use_triton_ops()
+            # Few-row linears (decode at batch 1..4) through the faster of the Triton GEMV and
+            # cuBLAS, measured per shape now, before any graph is captured.
+            self.gemv = GemvDispatch(self.device)
+            install_gemv(model, self.gemv)
+            self.gemv.prepare_modules(model, rows=[b for b in graph_batch_sizes(max_graph_batch) if b <= 4])
         self.staging = PinnedStaging() if self.device.type == "cuda" else None
+        self._launched: deque[torch.cuda.Event] | None = deque() if self.device.type == "cuda" else None
         if cuda_graphs is None:
             cuda_graphs = self.uses_triton_ops
         if cuda_graphs and not self.uses_triton_ops:
@@ -95,6 +117,16 @@ class ModelRunner:
         """Capture the decode graphs up front (else each bucket is captured on first use).
         Returns seconds spent; 0 when graphs are off."""
         return self.graphs.capture_all(max_batch) if self.graphs is not None else 0.0
+
+    @property
+    def max_graph_rows(self) -> int | None:
+        """Most query tokens a step may have and still run from a CUDA graph (None: no graphs)."""
+        return self.graphs.max_batch if self.graphs is not None else None
+
+    @property
+    def max_graph_extra_reads(self) -> int:
+        """Most extra context tokens the rows beyond a request's first may read in a graph step."""
+        return MAX_GRAPH_EXTRA_KV_BYTES // self.kv_bytes_per_token
 
     # --- inputs ------------------------------------------------------------------------------
     def _host_buffer(self, size: int) -> np.ndarray:
@@ -172,20 +204,53 @@ class ModelRunner:
 
     # --- execution ---------------------------------------------------------------------------
     def _graph_bucket(self, batch: ScheduledBatch) -> int | None:
-        if self.graphs is None or any(s.num_new_tokens != 1 for s in batch.requests):
+        if self.graphs is None or any(s.num_new_tokens > MAX_GRAPH_QUERY_LEN for s in batch.requests):
             return None
-        return self.graphs.bucket(len(batch.requests))
+        extra_reads = sum(
+            (s.num_new_tokens - 1) * (s.request.num_computed_tokens + s.num_new_tokens)
+            for s in batch.requests
+        )
+        if extra_reads * self.kv_bytes_per_token > MAX_GRAPH_EXTRA_KV_BYTES:
+            return None
+        return self.graphs.bucket(batch.num_tokens)
 
     def _execute_graph(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
-        reqs = [s.request for s in batch.requests]
-        positions = [r.num_computed_tokens for r in reqs]
-        tokens = [_tokens(r, p, 1)[0] for r, p in zip(reqs, positions, strict=True)]
-        logits = self.graphs.run(tokens, positions, [r.block_ids for r in reqs])  # [n, V]
-        rows = [i for i, s in enumerate(batch.requests) if s.samples]
-        if len(rows) == len(reqs):
-            return logits, reqs
-        index = torch.tensor(rows, dtype=torch.long).to(self.device)
-        return logits.index_select(0, index), [reqs[i] for i in rows]
+        """One graph row per scheduled token; returns the logits of the rows that are sampled (a
+        sampling request's last ``num_logits_rows`` rows, in batch order) and their requests."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        tables: list[list[int]] = []
+        rows: list[int] = []
+        sampled: list[Request] = []
+        for s in batch.requests:
+            r, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            tokens += _tokens(r, start, n)
+            positions += range(start, start + n)
+            tables += [r.block_ids] * n
+            if s.samples:
+                rows += range(len(tokens) - s.num_logits_rows, len(tokens))
+                sampled.append(r)
+        logits = self.graphs.run(tokens, positions, tables)  # [rows, V]
+        if len(rows) == len(tokens):
+            return logits, sampled
+        # Pinned and asynchronous: a pageable copy would wait for the replay to finish.
+        index = torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        return logits.index_select(0, index), sampled
+
+    def _bound_run_ahead(self) -> None:
+        """Keep the host at most ``MAX_STEPS_AHEAD`` steps ahead of the device.
+
+        A step that samples nothing (a prefill chunk) never waits for the device, so a prefill
+        worker's loop would otherwise queue seconds of GPU work: every call into the loop (a health
+        check, a new request) then waits behind that backlog, and the loop's clocks (prefill done,
+        KV sent) run ahead of what the device has actually done."""
+        if self._launched is None:
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self._launched.append(event)
+        while len(self._launched) > MAX_STEPS_AHEAD:
+            self._launched.popleft().synchronize()  # waits without the GIL
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
@@ -196,6 +261,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.attn)
             sampled = list(inputs.sampled_requests)
             logits = self.model.compute_logits(hidden[inputs.logits_rows]) if sampled else None
+        self._bound_run_ahead()
         if not sampled:
             return StepOutput({}, {})
         if batch.has_spec:

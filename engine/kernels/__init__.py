@@ -8,6 +8,8 @@ host sync), and a plain-torch ``*_ref`` the tests compare against.
     norm               RMSNorm and fused residual-add + RMSNorm
     rotary             neox-style rotary embedding on q and k, in place
     activation         SiLU-and-mul
+    gemv               x [M<=4, K] @ W[N, K]^T for decode linears (read-bandwidth bound); the
+                       per-shape choice between it and F.linear is engine.gemv_dispatch
 
 CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1``, set before import).
 """

@@ -23,7 +23,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, exactly as HF Llama does.
+        # Normalise in fp32 and cast back before the weight, exactly as HF Llama does. On CPU,
+        # torch's rms_norm without a weight is that first part (fp32 math, one rounding to x's
+        # dtype) in one op instead of six, with bit-identical results (tests/engine/test_cpu_fast_paths.py).
+        if x.is_cpu:
+            return self.weight * nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -73,9 +77,21 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, Hq, D], k: [T, Hkv, D], positions: [T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, sin = self.tables(positions, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` of ``positions`` as ``[T, 1, D]`` in ``dtype``, for ``apply_rotary``; the
+        sin's first half is negated (``rotate_half(x) * sin == roll(x, D/2) * signed_sin``)."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)  # [T, 1, D]
+        sin = (self.sin[positions] * self._half_signs()).unsqueeze(1).to(dtype)
+        return cos, sin
+
+    def _half_signs(self) -> torch.Tensor:
+        half = self.head_dim // 2
+        signs = torch.ones(self.head_dim, device=self.sin.device, dtype=self.sin.dtype)
+        signs[:half] = -1
+        return signs
 
     def half_tables_fp32(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin [max_positions, head_dim/2]`` in fp32, computed on ``device``.
@@ -89,9 +105,25 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` (rotate_half(x) = cat(-x2, x1)), written as a roll times
+    the half-negated sin of ``RotaryEmbedding.tables``: bit-identical (negation is exact), fewer ops."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """``[T, Hq + Hkv, D]`` view over q's heads then k's, when k's heads follow q's in memory with
+    the same strides (q and k are views of one fused qkv projection output); else None."""
+    t, hq, d = q.shape
+    if (
+        q.stride() != k.stride()
+        or q.stride(2) != 1
+        or q.stride(1) != d
+        or q.stride(0) < (hq + k.shape[1]) * d
+        or k.data_ptr() != q.data_ptr() + hq * d * q.element_size()
+    ):
+        return None
+    return q.as_strided((t, hq + k.shape[1], d), q.stride())
 
 
 class GatedMLP(nn.Module):
@@ -116,6 +148,12 @@ class TorchOps:
 
     name = "torch"
 
+    def __init__(self) -> None:
+        # Rotary tables depend only on the step's positions: gathered on the first layer, reused by
+        # the others. Keyed by the positions tensor itself (one per step; held, so never recycled).
+        self._rope_key: tuple[torch.Tensor, torch.dtype, RotaryEmbedding] | None = None
+        self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         return norm(x)
 
@@ -128,7 +166,15 @@ class TorchOps:
     def rotary(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, rope: RotaryEmbedding
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope(positions, q, k)
+        key = self._rope_key
+        if key is None or key[0] is not positions or key[1] != q.dtype or key[2] is not rope:
+            self._rope_key, self._rope_tables = (positions, q.dtype, rope), rope.tables(positions, q.dtype)
+        cos, sin = self._rope_tables
+        qk = _adjacent_heads(q, k)
+        if qk is not None:  # one rotation over q's and k's heads together: half the ops
+            rotated = apply_rotary(qk, cos, sin)
+            return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)

@@ -6,6 +6,8 @@ fused Triton ops, Triton paged attention, decode CUDA graphs, memory planning.
 * bf16: teacher-forced (our engine is fed HF's tokens), our greedy choice agrees with HF's on
   >= 95% of 128 positions, and the logits stay within bf16 noise of HF's.
 * graph replay gives the tokens and logits of eager execution, across bucket padding.
+* speculative verification steps (1 + k query rows per request) run from the decode graphs and
+  keep greedy output identical to decoding without speculation.
 * the planned KV cache plus the measured activation peak stay within ``gpu_memory_utilization``.
 """
 
@@ -18,6 +20,7 @@ from engine.builder import build_engine
 from engine.config import CacheConfig, SchedulerConfig
 from engine.sampling.params import SamplingParams
 from engine.sampling.sampler import Sampler, SamplerOutput
+from engine.spec_decode import SpecConfig, build_spec_decoder
 from tests.engine.helpers import RecordingSampler, random_prompts, run_all
 from tests.engine.oracle import TINY_LLAMA, TINY_QWEN2, hf_model, hf_weights
 
@@ -44,6 +47,7 @@ def _engine(cfg, tensors, dtype, *, num_blocks=512, max_seqs=8, max_batched=48, 
         scheduler=SchedulerConfig(
             max_num_seqs=max_seqs, max_num_batched_tokens=max_batched, long_prefill_token_threshold=chunk
         ),
+        capture_graphs=False,  # captured on first use: the tests see which step sizes ran from graphs
     )  # fmt: skip
 
 
@@ -191,6 +195,32 @@ def test_graph_decode_matches_eager_across_buckets():
             assert diff < 1e-3, f"{rid}: graph vs eager logits differ by {diff}"
 
 
+def test_spec_verification_runs_from_graphs_and_keeps_greedy_identity():
+    """n-gram drafts over looping prompts: every verification step is a graph step of 1 + k rows
+    per request (bucket > number of requests), and the tokens equal plain greedy decoding."""
+    model = _hf_on_gpu(GPU_LLAMA, torch.float32)
+    weights = _weights(model)
+    prompts = random_prompts(3, GPU_LLAMA["vocab_size"], 5, 40, seed=15)
+    prompts["loop"] = [11, 12, 13, 14, 15] * 8
+    sampling = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    plain = run_all(_engine(GPU_LLAMA, weights, torch.float32), prompts, sampling)
+
+    eng = _engine(GPU_LLAMA, weights, torch.float32)
+    config = SpecConfig(method="ngram", ngram_min=1, num_speculative_tokens=5, adaptive=False)
+    eng.set_spec(build_spec_decoder(eng, config))
+    graph_rows = []
+    run_graph = eng.runner._execute_graph
+
+    def recording(batch):
+        graph_rows.append((len(batch.requests), batch.num_tokens))
+        return run_graph(batch)
+
+    eng.runner._execute_graph = recording
+    assert run_all(eng, prompts, sampling) == plain
+    assert eng.spec.metrics.num_drafts > 0
+    assert any(tokens > seqs for seqs, tokens in graph_rows), "no multi-row step ran from a graph"
+
+
 def test_memory_plan_stays_within_utilization():
     """KV cache sized from free memory after weights and a profiled max-size step."""
     torch.cuda.empty_cache()
@@ -202,6 +232,9 @@ def test_memory_plan_stays_within_utilization():
         cache=CacheConfig(block_size=16, gpu_memory_utilization=util),
         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=2048),
     )  # fmt: skip
+    graphs = eng.runner.graphs
+    assert sorted(graphs.graphs) == list(graphs.sizes), "not every step size was captured up front"
+    assert graphs.max_batch == 256  # min(256 graph rows, max_num_batched_tokens)
     num_blocks = eng.config.cache.num_blocks
     per_block = eng.runner.kv_cache[:, :, 0].numel() * eng.runner.kv_cache.element_size()
     assert num_blocks * per_block > 1 << 30, "the planner left most of the 3 GiB unused"

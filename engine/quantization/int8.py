@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization (per output channel), the CPU fast path for small batches.
+"""Weight-only int8 quantization (per output channel), a CPU fast path for small batches.
 
 Decode at small batch streams every weight once per step, so bytes decide the speed: int8 weights
 move a quarter of the fp32 bytes. ``Int8Linear`` keeps
@@ -20,34 +20,32 @@ SMALL_BATCH_ROWS = 16  # at or below: int8 kernel; above: bf16 matmul
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    """``max_int8_rows``: steps of at most this many rows use the int8 kernel, larger ones bf16."""
+
+    def __init__(self, linear: nn.Linear, max_int8_rows: int = SMALL_BATCH_ROWS) -> None:
         super().__init__()
+        self.max_int8_rows = max_int8_rows
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("qweight", q, persistent=False)
         self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
         self.register_buffer("weight_bf16", (q.float() * scale[:, None]).to(torch.bfloat16), persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        )
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x2.shape[0] <= SMALL_BATCH_ROWS:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        if x2.shape[0] <= self.max_int8_rows:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
         else:
             y = torch.nn.functional.linear(x2, self.weight_bf16)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-
-def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (lm_head included; embeddings stay float) in place."""
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError("int8 weight-only quantization is implemented for the CPU path only")
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
-    return model
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
