@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.llm import LLM  # noqa: E402
 from engine.request import Request, RequestStatus  # noqa: E402
 from engine.sampling.params import SamplingParams  # noqa: E402
-from engine.spec_decode import SpecConfig, build_spec_decoder, load_draft_engine  # noqa: E402
+from engine.spec_decode import SpecConfig, SpecDecodeMetrics, build_spec_decoder, load_draft_engine  # noqa: E402
 
 PARAGRAPHS = [
     "The town of Millbrook sits at the edge of a wide valley, where the river bends twice before it "
@@ -128,22 +128,94 @@ def set_spec(llm: LLM, config: SpecConfig | None, draft_engine=None) -> None:
     llm.engine.set_spec(build_spec_decoder(llm.engine, config, draft_engine=draft_engine) if config else None)
 
 
+class Decoders:
+    """One spec decoder per configuration, kept across the warm-up and every run, as a server keeps
+    its own across requests: the adaptive policy starts each measured run with what it has learned.
+    The counters are reset before each run, so each run reports its own."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm, self._built = llm, {}
+
+    def use(self, name: str, config: SpecConfig | None) -> None:
+        if config is None:
+            self.llm.engine.set_spec(None)
+            return
+        if name not in self._built:
+            self._built[name] = build_spec_decoder(self.llm.engine, config)
+        decoder = self._built[name]
+        decoder.metrics = SpecDecodeMetrics()
+        self.llm.engine.set_spec(decoder)
+
+
+def ngram_config(args, adaptive: bool) -> SpecConfig:
+    extra = {} if args.ngram_min is None else {"ngram_min": args.ngram_min}
+    return SpecConfig(method="ngram", num_speculative_tokens=args.k, adaptive=adaptive, **extra)
+
+
+def ngram_configs(args) -> dict[str, SpecConfig | None]:
+    return {
+        "none": None,
+        "ngram_adaptive": ngram_config(args, adaptive=True),
+        "ngram_fixed_k": ngram_config(args, adaptive=False),
+    }
+
+
+def warm_up_sampling(args, sp: SamplingParams, cpu_max_tokens: int) -> SamplingParams:
+    """A full-length warm-up on a GPU (every kernel shape of the measured runs compiles in it),
+    a short one on a CPU (nothing compiles there)."""
+    return sp if args.device.startswith("cuda") else replace(sp, max_tokens=cpu_max_tokens)
+
+
+def profiled(fn):
+    """Run ``fn`` under cProfile and print its top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    out = fn()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue())
+    return out
+
+
+def host_profile(llm: LLM, args) -> dict:
+    """Where the host time of a fixed-k batch-1 run goes: cProfile's top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prompt = llm.render_chat(copy_prompt(PARAGRAPHS[:3]))
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    set_spec(llm, ngram_config(args, adaptive=False))
+    run_one(llm, prompt, replace(sp, max_tokens=24))
+    prof = cProfile.Profile()
+    prof.enable()
+    r = run_one(llm, prompt, sp)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    print(text.getvalue())
+    return {"decode_steps": r["decode_steps"], "decode_s": r["decode_s"], "top_by_own_time": text.getvalue()}
+
+
 # --- sections -----------------------------------------------------------------------------------
 def bench_batch1(llm: LLM, args) -> dict:
     prompt = llm.render_chat(copy_prompt(PARAGRAPHS[:3]))
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    configs = {
-        "none": None,
-        "ngram_adaptive": SpecConfig(method="ngram", num_speculative_tokens=args.k),
-        "ngram_fixed_k": SpecConfig(method="ngram", num_speculative_tokens=args.k, adaptive=False),
-    }
-    for cfg in configs.values():  # warm-up (first-call costs of each path), not measured
-        set_spec(llm, cfg)
-        run_one(llm, prompt, replace(sp, max_tokens=24))
+    configs = ngram_configs(args)
+    decoders = Decoders(llm)
+    warm = warm_up_sampling(args, sp, cpu_max_tokens=24)
+    for name, cfg in configs.items():  # warm-up (first-call costs of each path), not measured
+        decoders.use(name, cfg)
+        run_one(llm, prompt, warm)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(args.reps):
         for name, cfg in configs.items():
-            set_spec(llm, cfg)
+            decoders.use(name, cfg)
             r = run_one(llm, prompt, sp)
             r["spec"] = spec_summary(llm)
             runs[name].append(r)
@@ -168,21 +240,22 @@ def bench_batch1(llm: LLM, args) -> dict:
 def bench_concurrent(llm: LLM, args) -> dict:
     prompts = [llm.render_chat(c) for c in concurrent_prompts(args.concurrency)]
     sp = SamplingParams(max_tokens=args.concurrent_max_tokens, temperature=0.0)
-    configs = {
-        "none": None,
-        "ngram_adaptive": SpecConfig(method="ngram", num_speculative_tokens=args.k),
-        "ngram_fixed_k": SpecConfig(method="ngram", num_speculative_tokens=args.k, adaptive=False),
-    }
-    for cfg in configs.values():  # warm-up, not measured
-        set_spec(llm, cfg)
-        run_many(llm, prompts[:8], replace(sp, max_tokens=8))
+    configs = ngram_configs(args)
+    decoders = Decoders(llm)
+    warm = warm_up_sampling(args, sp, cpu_max_tokens=8)
+    for name, cfg in configs.items():  # warm-up, not measured
+        decoders.use(name, cfg)
+        run_many(llm, prompts, warm)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for rep in range(args.concurrent_reps):
         for name, cfg in configs.items():
             if name == "ngram_fixed_k" and rep > 0:
                 continue  # shown once: the failure mode the policy avoids
-            set_spec(llm, cfg)
-            r = run_many(llm, prompts, sp)
+            decoders.use(name, cfg)
+            if args.profile and name == "ngram_adaptive" and rep == 0:
+                r = profiled(lambda: run_many(llm, prompts, sp))
+            else:
+                r = run_many(llm, prompts, sp)
             r["spec"] = spec_summary(llm)
             runs[name].append(r)
     out = {
@@ -284,6 +357,8 @@ def draft_catch_up(llm: LLM, draft, prompt: list[int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="model spec (default: the default model)")
+    ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--k", type=int, default=8, help="most draft tokens per request per step")
     ap.add_argument("--max-tokens", type=int, default=320, help="batch-1 output limit (greedy stops at EOS)")
     ap.add_argument("--reps", type=int, default=2, help="batch-1 runs per configuration (alternating)")
@@ -291,16 +366,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrent-max-tokens", type=int, default=96)
     ap.add_argument("--concurrent-reps", type=int, default=2)
     ap.add_argument("--draft-max-tokens", type=int, default=96)
+    ap.add_argument(
+        "--ngram-min", type=int, default=None, help="shortest n-gram matched (default: SpecConfig's)"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="host-side profile of one fixed-k batch-1 run (diagnostics)"
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=["batch1", "concurrent", "draft"])
     ap.add_argument("--out", default=None, help="write the JSON results here")
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()
     t_start = time.perf_counter()
-    llm = LLM(device=args.device, max_num_batched_tokens=512, max_num_seqs=max(64, args.concurrency))
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_batched_tokens=512,
+        max_num_seqs=max(64, args.concurrency),
+    )
+    if llm.tokenizer is None and os.environ.get("BATON_TOKENIZER"):  # dummy weights: borrow a tokenizer
+        from baton.text import Tokenizer
+
+        llm.tokenizer = Tokenizer.from_dir(os.environ["BATON_TOKENIZER"])
     results: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "dtype": str(llm.engine.runner.kv_cache.dtype),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -311,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if "batch1" not in args.skip:
         results["batch1_ngram"] = bench_batch1(llm, args)
         print_batch1(results["batch1_ngram"])
+    if args.profile:
+        results["host_profile"] = host_profile(llm, args)
     if "concurrent" not in args.skip:
         results["concurrent"] = bench_concurrent(llm, args)
         print_concurrent(results["concurrent"])

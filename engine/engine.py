@@ -103,7 +103,9 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}")
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}"
+            )
         need = self.kv.blocks_needed(len(prompt_token_ids) + 1)
         if need > self.kv.pool.num_blocks:
             raise ValueError(f"prompt needs {need} KV blocks; the cache has {self.kv.pool.num_blocks}")
@@ -125,19 +127,35 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        if self.spec is not None:
-            self.spec.propose()  # draft tokens for running decodes, before the scheduler sizes them
+        if self.spec is None:
+            return self._step()
+        start = time.perf_counter()
+        self.spec.propose()  # draft tokens for running decodes, before the scheduler sizes them
+        return self._step(start)
+
+    def _step(self, start: float | None = None) -> list[RequestOutput]:
+        """Schedule, execute, update. ``start``: when the step began (speculation measures it)."""
         batch = self.scheduler.schedule()
         self.metrics.on_schedule(batch)  # before the empty check: a step may only preempt
         if batch.is_empty:
             return []
         t0 = time.perf_counter()
         if self.spec is not None:  # what the step costs depends on (measured for the spec policy)
-            shape = (len(batch.requests), batch.num_tokens, sum(1 for s in batch.requests if s.num_spec_tokens), all(s.samples for s in batch.requests))
+            reqs = batch.requests
+            shape = (
+                len(reqs),
+                batch.num_tokens,
+                sum(1 for s in reqs if s.num_spec_tokens),
+                all(s.samples for s in reqs),
+            )
+            decode_only = all(s.num_new_tokens - s.num_spec_tokens == 1 and s.samples for s in reqs)
         out = self.runner.execute(batch)
         results = self._update(batch, out)
         if self.spec is not None:
-            self.spec.observe(*shape, time.perf_counter() - t0)
+            end = time.perf_counter()
+            self.spec.observe(*shape, end - t0)
+            if decode_only:
+                self.spec.observe_outcome(sum(len(o.new_token_ids) for o in results), end - start)
         return results
 
     def _update(self, batch, out: StepOutput) -> list[RequestOutput]:
@@ -211,13 +229,25 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
 
     # --- decode-side admission of requests whose prompt KV arrives from elsewhere ---------------
-    def reserve(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, output_token_ids: list[int] = ()) -> Request | None:
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        output_token_ids: list[int] = (),
+    ) -> Request | None:
         """Create a WAITING_FOR_KV request holding blocks for its whole prompt (cached prefix first).
         Returns None, changing nothing, when the blocks are not there."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._check_prompt(prompt_token_ids)
-        req = Request(request_id, list(prompt_token_ids), sampling, eos_token_ids=self.eos_token_ids, status=RequestStatus.WAITING_FOR_KV)
+        req = Request(
+            request_id,
+            list(prompt_token_ids),
+            sampling,
+            eos_token_ids=self.eos_token_ids,
+            status=RequestStatus.WAITING_FOR_KV,
+        )
         req.output_token_ids = list(output_token_ids)
         cached = self.kv.find_cached_prefix(req)
         start = len(cached) * self.kv.block_size
@@ -226,7 +256,9 @@ class LLMEngine:
         self.requests[request_id] = req
         return req
 
-    def start_reserved(self, req: Request, first_token: int | None = None, first_logprob=None) -> RequestOutput | None:
+    def start_reserved(
+        self, req: Request, first_token: int | None = None, first_logprob=None
+    ) -> RequestOutput | None:
         """Begin decoding a reserved request. With ``first_token`` (sampled by the prefill worker) the
         prompt's KV has landed: every prompt token counts as computed. Without it the prompt (minus the
         cached prefix) is prefilled here, in chunks, like any request."""
@@ -243,7 +275,9 @@ class LLMEngine:
         reason = check_stop(req, first_token, self.max_model_len)
         if reason is not None:
             self.finish(req, reason)
-        return RequestOutput(req.request_id, (), (), reason is not None, reason, req.num_prompt_tokens, req.num_cached_tokens)
+        return RequestOutput(
+            req.request_id, (), (), reason is not None, reason, req.num_prompt_tokens, req.num_cached_tokens
+        )
 
     def drop_reserved(self, req: Request) -> None:
         """Abort a reservation that never started (transfer failed, deadline passed, client gone)."""

@@ -26,6 +26,7 @@ import torch
 from engine.request import Request, RequestStatus
 from engine.scheduler import ScheduledBatch
 from engine.spec_decode.draft import Draft
+from engine.spec_decode.governor import SpecGovernor
 from engine.spec_decode.metrics import SpecDecodeMetrics
 from engine.spec_decode.policy import AdaptivePolicy, PolicyConfig
 from engine.spec_decode.rejection import RejectionSampler, match_drafts
@@ -103,6 +104,17 @@ class _RowView:
         self.req.generator = value
 
 
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]``, without a blocking host->device copy of the index when it can be avoided
+    (a list index is copied synchronously, which waits for the forward still running on a GPU)."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return logits[rows[0] : rows[0] + len(rows)]
+    index = torch.tensor(rows, dtype=torch.long)
+    if logits.device.type == "cuda":
+        index = index.pin_memory().to(logits.device, non_blocking=True)
+    return logits.index_select(0, index)
+
+
 Verified = tuple[list[int], list]  # emitted tokens, their logprobs (None entries when not asked)
 
 
@@ -113,6 +125,8 @@ class SpecDecoder:
         self.proposer = proposer
         self.config = config or SpecConfig(method=proposer.name)
         self.policy = AdaptivePolicy(self.config.policy_config)
+        self.governor = SpecGovernor()
+        self._mode: tuple[int, bool] | None = None  # (running requests, speculating) of this step
         self.rejection = rejection or RejectionSampler()
         self.metrics = SpecDecodeMetrics()
         self.engine = None
@@ -166,9 +180,24 @@ class SpecDecoder:
             if room > 0:
                 cands.append(r)
                 caps.append(min(room, self.config.num_speculative_tokens))
+        self._mode = None
+        if not cands:
+            return
+        if self.config.adaptive:
+            speculating = self.governor.choose(len(sched.running))
+            self._mode = (len(sched.running), speculating)
+            if not speculating:
+                return
         budget = sched.config.max_num_batched_tokens - base_tokens
         if sched.waiting:
             budget //= 2  # leave room to admit waiting requests
+        graph_rows = getattr(eng.runner, "max_graph_rows", None)
+        if graph_rows is not None and base_tokens < graph_rows:
+            # A step that fits a CUDA graph costs about the same at any size; one row more, or
+            # draft rows re-reading too much context, and it runs eagerly, several times slower
+            # for a small model: drafts stay within the graph (runner._graph_bucket's rules).
+            longest = max(r.num_tokens for r in cands)
+            budget = min(budget, graph_rows - base_tokens, eng.runner.max_graph_extra_reads // (longest + 16))
         if not cands or budget <= 0:
             return
         ids = [r.request_id for r in cands]
@@ -218,7 +247,7 @@ class SpecDecoder:
                 spec.append((s.request, row, s.request.spec_token_ids[: n - 1]))
             row += n
         if plain:
-            out = self.sampler(logits[plain_rows], plain)
+            out = self.sampler(_rows(logits, plain_rows), plain)
             for r, t, lp in zip(plain, out.token_ids, out.logprobs, strict=True):
                 results[r.request_id] = ([t], [lp])
         if spec:
@@ -233,7 +262,7 @@ class SpecDecoder:
             for j in range(len(drafts) + 1):
                 rows.append(r0 + j)
                 views.append(_RowView(req, drafts[:j]))
-        raw = logits[rows]
+        raw = _rows(logits, rows)
         processed = sampler.processed_logits(raw, views)
         argmax = processed.argmax(dim=-1).tolist()
         rand = [i for i, v in enumerate(views) if not v.sampling.greedy]
@@ -283,6 +312,12 @@ class SpecDecoder:
         attention cost grows with context, not with the query tokens the policy trades."""
         if only_sampling_rows:
             self.policy.observe_step(num_seqs, num_tokens, num_verifying, seconds)
+
+    def observe_outcome(self, tokens: int, seconds: float) -> None:
+        """A decode-only step emitted ``tokens`` in ``seconds`` (proposing included): feeds the
+        governor that keeps speculation only where it measurably pays."""
+        if self._mode is not None:
+            self.governor.record(self._mode[0], self._mode[1], tokens, seconds)
 
     def check_integrity(self) -> None:
         check = getattr(self.proposer, "check_integrity", None)
