@@ -208,6 +208,9 @@ class Settings:
     )
     log_level: str = _setting("info", _parse_lower, "Log level.", check=_one_of(*LOG_LEVELS))
     otlp_endpoint: str = _setting("", _parse_str, "OTLP endpoint for traces (empty: tracing off).")
+    kv_trace: bool = _setting(
+        False, _parse_bool, "Print one timing line per KV piece from the workers (transfer diagnostics)."
+    )
 
     # Cluster shape and the services the processes share.
     num_prefill: int = _setting(1, _parse_int, "Prefill workers the launcher keeps.", check=_at_least(0))

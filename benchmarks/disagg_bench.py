@@ -89,6 +89,9 @@ def main() -> None:
         proc, url = serve(args.model, CONFIGS[name], out_dir / f"serve-{name}.log")
         try:
             results[name] = bench(url, args, name, out_dir)
+            # Every component's histograms (TTFT, ITL, queue, KV transfer) as the router shows them.
+            with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+                (out_dir / f"metrics-{name}.txt").write_bytes(resp.read())
         finally:
             os.killpg(proc.pid, signal.SIGINT)
             try:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from baton.v1 import kv_transfer_pb2
+from kv_transfer import diag
 from kv_transfer.base import KVReceiver, TransferError, TransferHandle, TransferState
 from kv_transfer.blocks import layer_bytes
 from kv_transfer.pair import (
@@ -290,7 +291,9 @@ class _Connection:
         receives or scatters pending and ends the connection.
         """
         table, receiver = self.receiver._table, self.receiver
+        t0 = time.perf_counter()
         works = self._post_receives(views, header)
+        t1 = time.perf_counter()
         try:
             ticket = table.accept_header(header, owner=self, views=views, stream=self.stream)
         except TransferError as exc:
@@ -307,9 +310,15 @@ class _Connection:
         except TransferError as exc:  # every message arrived, but the piece cannot land
             self._nack(header.handle_id, header.piece_index, exc)
             return
+        t2 = time.perf_counter()
         self._reply(
             Message(ack=kv_transfer_pb2.Ack(handle_id=header.handle_id, piece_index=header.piece_index))
         )
+        if diag.ENABLED:
+            diag.trace(
+                "D", "piece", bytes=header.payload_bytes, post_ms=1e3 * (t1 - t0),
+                arrive_land_ms=1e3 * (t2 - t1), ack_ms=1e3 * (time.perf_counter() - t2),
+            )  # fmt: skip
 
     def _post_receives(self, views: PieceViews, header: kv_transfer_pb2.TransferHeader) -> list[dist.Work]:
         group = self.group

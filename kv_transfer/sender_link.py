@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from baton.v1 import kv_transfer_pb2
+from kv_transfer import diag
 from kv_transfer.base import TransferError, TransferHandle, TransferState
 from kv_transfer.pair import (
     RECEIVER_RANK,
@@ -187,7 +188,12 @@ class Link:
 
     def submit(self, job: Job, kv_cache: torch.Tensor) -> None:
         """Post the job now if the link is up and idle; else gather it and queue it for the thread."""
+        t0 = time.perf_counter()
         with self.post_lock:
+            if diag.ENABLED:
+                diag.trace(
+                    "P", "submit", lock_wait_ms=1e3 * (time.perf_counter() - t0), queued=len(self._queued)
+                )
             with self._changed:
                 direct = self.connection is not None and not self._queued
             if direct:
@@ -305,10 +311,13 @@ class Link:
         outgoing = owed.outgoing
         deadline = outgoing.handle.deadline
         refused = None
+        t0 = time.perf_counter()
         try:
             connection.read_ack(deadline)
         except TransferError as exc:
             refused = exc
+        if diag.ENABLED:
+            diag.trace("P", "answer", wait_ms=1e3 * (time.perf_counter() - t0), owed=len(self._owed))
         # Answered pieces' messages were received (landed or drained): their sends are complete.
         wait_works(owed.works, self.sender.backend, deadline, connection.sock)
         if owed.staging is not None and owed.works:

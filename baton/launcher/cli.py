@@ -48,7 +48,10 @@ def cmd_serve(args: argparse.Namespace, join_existing: bool = False) -> int:
     from baton.launcher.serve import ServeOptions, serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opts = ServeOptions(_settings(args), num_kv_blocks=args.num_kv_blocks, prefill_chunk_tokens=args.prefill_chunk, join_existing=join_existing)
+    settings = _settings(args)
+    # One line per finished request (route, workers, queue/prefill/transfer/TTFT/e2e times).
+    logging.getLogger("router.trace").setLevel(settings.log_level.upper())
+    opts = ServeOptions(settings, num_kv_blocks=args.num_kv_blocks, prefill_chunk_tokens=args.prefill_chunk, join_existing=join_existing)
     return asyncio.run(serve(opts))
 
 

@@ -57,18 +57,22 @@ def _start_ray(s: Settings, opts: ServeOptions, workers: int) -> None:
     if opts.join_existing and not address:
         raise ValueError("baton up joins a running Ray cluster: set RAY_ADDRESS (or BATON_RAY_ADDRESS)")
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    kv_trace = os.environ.get("BATON_KV_TRACE", "")
+    if kv_trace:  # per-piece transfer timings (kv_transfer/diag.py), printed by the workers
+        env["BATON_KV_TRACE"] = kv_trace
     runtime_env = {"env_vars": env}
+    log_to_driver = bool(kv_trace)
     if address:
         _say(f"joining Ray cluster at {address}")
         node_ip = "127.0.0.1" if address.split(":")[0] in ("127.0.0.1", "localhost") else None
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, _node_ip_address=node_ip)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver, _node_ip_address=node_ip)
     else:
         # Logical CPUs: one per worker actor plus the driver, whatever the core count (actors mostly wait).
         num_cpus = max(os.cpu_count() or 1, workers + 1)
         _say("starting a local Ray instance (dashboard off unless --dashboard)")
         # A one-machine cluster stays on loopback when Baton itself does.
         node_ip = "127.0.0.1" if s.host in ("127.0.0.1", "localhost") else None
-        ray.init(num_cpus=num_cpus, include_dashboard=s.dashboard, runtime_env=runtime_env, log_to_driver=False,
+        ray.init(num_cpus=num_cpus, include_dashboard=s.dashboard, runtime_env=runtime_env, log_to_driver=log_to_driver,
                  _node_ip_address=node_ip)
 
 
