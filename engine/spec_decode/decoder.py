@@ -316,8 +316,12 @@ class SpecDecoder:
     def observe_outcome(self, tokens: int, seconds: float) -> None:
         """A decode-only step emitted ``tokens`` in ``seconds`` (proposing included): feeds the
         governor that keeps speculation only where it measurably pays."""
-        if self._mode is not None:
-            self.governor.record(self._mode[0], self._mode[1], tokens, seconds)
+        if self._mode is None:
+            return
+        num_running, speculating = self._mode
+        if speculating and not self._drafts:
+            return  # nothing was proposed: the step says nothing about what drafts are worth
+        self.governor.record(num_running, speculating, tokens, seconds)
 
     def check_integrity(self) -> None:
         check = getattr(self.proposer, "check_integrity", None)

@@ -11,7 +11,9 @@ the faster mode runs, and the slower one is re-measured for ``explore_steps`` st
 costs at most the exploration share, about ``explore_steps / explore_period`` of the steps.
 
 A step's time runs from the start of proposing to the end of the engine's update, so the proposer's
-and the verifier's host time count against speculation.
+and the verifier's host time count against speculation. A step with speculation on but no draft
+proposed is not recorded: it says nothing about what drafts are worth, and until drafts appear the
+class keeps trying speculation.
 """
 
 from __future__ import annotations
