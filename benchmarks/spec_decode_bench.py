@@ -167,7 +167,7 @@ def warm_up_sampling(args, sp: SamplingParams, cpu_max_tokens: int) -> SamplingP
 
 
 def profiled(fn):
-    """Run ``fn`` under cProfile and print its top functions by own time."""
+    """Run ``fn`` under cProfile, print its top functions by own time; returns (result, that text)."""
     import cProfile
     import io
     import pstats
@@ -179,27 +179,17 @@ def profiled(fn):
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
     print(text.getvalue())
-    return out
+    return out, text.getvalue()
 
 
 def host_profile(llm: LLM, args) -> dict:
     """Where the host time of a fixed-k batch-1 run goes: cProfile's top functions by own time."""
-    import cProfile
-    import io
-    import pstats
-
     prompt = llm.render_chat(copy_prompt(PARAGRAPHS[:3]))
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     set_spec(llm, ngram_config(args, adaptive=False))
     run_one(llm, prompt, replace(sp, max_tokens=24))
-    prof = cProfile.Profile()
-    prof.enable()
-    r = run_one(llm, prompt, sp)
-    prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-    print(text.getvalue())
-    return {"decode_steps": r["decode_steps"], "decode_s": r["decode_s"], "top_by_own_time": text.getvalue()}
+    r, top = profiled(lambda: run_one(llm, prompt, sp))
+    return {"decode_steps": r["decode_steps"], "decode_s": r["decode_s"], "top_by_own_time": top}
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -253,7 +243,7 @@ def bench_concurrent(llm: LLM, args) -> dict:
                 continue  # shown once: the failure mode the policy avoids
             decoders.use(name, cfg)
             if args.profile and name == "ngram_adaptive" and rep == 0:
-                r = profiled(lambda: run_many(llm, prompts, sp))
+                r, _ = profiled(lambda: run_many(llm, prompts, sp))
             else:
                 r = run_many(llm, prompts, sp)
             r["spec"] = spec_summary(llm)

@@ -28,7 +28,7 @@ from engine.request import Request
 from engine.sampling.sampler import Logprobs, Sampler
 from engine.scheduler import ScheduledBatch
 
-# Decode graphs are captured lazily per bucket, so a generous cap costs nothing until used.
+# Graphs of every bucket up to this many rows are captured when the engine is built.
 DEFAULT_MAX_GRAPH_BATCH = 256
 # Steps the host may launch beyond the one the device is running (overlap without a backlog).
 MAX_STEPS_AHEAD = 1
@@ -58,6 +58,18 @@ class BatchInputs:
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # rows of the flattened step whose logits are sampled
     sampled_requests: tuple[Request, ...]
+
+
+def select_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]`` without a blocking host->device copy of the index: a run of consecutive
+    rows is a slice, anything else an index uploaded from pinned memory asynchronously (a pageable
+    or list index is copied synchronously, which waits for the forward still running on a GPU)."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return logits[rows[0] : rows[0] + len(rows)]
+    index = torch.tensor(rows, dtype=torch.long)
+    if logits.device.type == "cuda":
+        index = index.pin_memory().to(logits.device, non_blocking=True)
+    return logits.index_select(0, index)
 
 
 def _tokens(r: Request, start: int, n: int) -> list[int]:
@@ -231,11 +243,7 @@ class ModelRunner:
                 rows += range(len(tokens) - s.num_logits_rows, len(tokens))
                 sampled.append(r)
         logits = self.graphs.run(tokens, positions, tables)  # [rows, V]
-        if len(rows) == len(tokens):
-            return logits, sampled
-        # Pinned and asynchronous: a pageable copy would wait for the replay to finish.
-        index = torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
-        return logits.index_select(0, index), sampled
+        return select_rows(logits, rows), sampled
 
     def _bound_run_ahead(self) -> None:
         """Keep the host at most ``MAX_STEPS_AHEAD`` steps ahead of the device.

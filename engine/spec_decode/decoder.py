@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.request import Request, RequestStatus
+from engine.runner import select_rows
 from engine.scheduler import ScheduledBatch
 from engine.spec_decode.draft import Draft
 from engine.spec_decode.governor import SpecGovernor
@@ -102,17 +103,6 @@ class _RowView:
     @generator.setter
     def generator(self, value) -> None:
         self.req.generator = value
-
-
-def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``logits[rows]``, without a blocking host->device copy of the index when it can be avoided
-    (a list index is copied synchronously, which waits for the forward still running on a GPU)."""
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return logits[rows[0] : rows[0] + len(rows)]
-    index = torch.tensor(rows, dtype=torch.long)
-    if logits.device.type == "cuda":
-        index = index.pin_memory().to(logits.device, non_blocking=True)
-    return logits.index_select(0, index)
 
 
 Verified = tuple[list[int], list]  # emitted tokens, their logprobs (None entries when not asked)
@@ -247,7 +237,7 @@ class SpecDecoder:
                 spec.append((s.request, row, s.request.spec_token_ids[: n - 1]))
             row += n
         if plain:
-            out = self.sampler(_rows(logits, plain_rows), plain)
+            out = self.sampler(select_rows(logits, plain_rows), plain)
             for r, t, lp in zip(plain, out.token_ids, out.logprobs, strict=True):
                 results[r.request_id] = ([t], [lp])
         if spec:
@@ -262,7 +252,7 @@ class SpecDecoder:
             for j in range(len(drafts) + 1):
                 rows.append(r0 + j)
                 views.append(_RowView(req, drafts[:j]))
-        raw = _rows(logits, rows)
+        raw = select_rows(logits, rows)
         processed = sampler.processed_logits(raw, views)
         argmax = processed.argmax(dim=-1).tolist()
         rand = [i for i, v in enumerate(views) if not v.sampling.greedy]

@@ -65,9 +65,9 @@ class SpecGovernor:
     def choose(self, num_running: int) -> bool:
         """Whether this step speculates."""
         s, cfg = self._stats(num_running), self.config
-        if min(s.samples.values()) < cfg.min_samples:
+        best = self.preferred(num_running)
+        if best is None:
             return s.samples[True] <= s.samples[False]  # alternate, speculation first
-        best = s.rate[True] > cfg.margin * s.rate[False]
         s.steps_since_explore += 1
         if s.steps_since_explore > cfg.explore_period:
             if s.steps_since_explore > cfg.explore_period + cfg.explore_steps:
