@@ -22,6 +22,7 @@ after: on a shared machine, compare only numbers of the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -101,18 +102,103 @@ def run_one(llm: LLM, prompt: list[int], sp: SamplingParams) -> dict:
     }
 
 
-def run_many(llm: LLM, prompts: list[list[int]], sp: SamplingParams) -> dict:
+def run_many(llm: LLM, prompts: list[list[int]], sp: SamplingParams, trace: bool = False) -> dict:
+    """All prompts admitted at once, stepped to the end. ``trace``: also where each step's time went."""
     eng = llm.engine
     eng.kv.pool.reset_prefix_cache()
     reqs = [eng.add_request(f"c{i}-{time.monotonic_ns()}", p, sp) for i, p in enumerate(prompts)]
+    tracer = StepTracer(eng) if trace else None
     t0 = time.perf_counter()
     steps = 0
     while eng.has_unfinished():
-        eng.step()
+        if tracer is not None:
+            tracer.step()
+        else:
+            eng.step()
         steps += 1
     wall = time.perf_counter() - t0
     tokens = sum(len(r.output_token_ids) for r in reqs)
-    return {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall, "steps": steps}
+    out = {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall, "steps": steps}
+    if tracer is not None:
+        tracer.close()
+        out["step_trace"] = tracer.summary()
+    return out
+
+
+class StepTracer:
+    """Diagnostics: wall time of each engine step, split into its phases (propose, schedule,
+    execute, update), grouped by step kind: ``prefill`` (some prompt chunk ran), ``decode`` (every
+    row a plain decode) or ``verify`` (some request verified drafts). On a GPU the device work shows
+    up where the host first waits for it (sampling in ``execute``, verification in ``update``)."""
+
+    PHASES = {"propose": ("spec", "propose"), "schedule": ("scheduler", "schedule"),
+              "execute": ("runner", "execute"), "update": (None, "_update")}  # fmt: skip
+
+    def __init__(self, eng) -> None:
+        self.eng = eng
+        self.kinds: dict[str, dict] = {}
+        self._phase: dict[str, float] = {}
+        self._kind = "decode"
+        self._patched: list[tuple[object, str]] = []
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)  # Python's cyclic collector shows up as its own phase
+        for phase, (attr, method) in self.PHASES.items():
+            owner = eng if attr is None else getattr(eng, attr)
+            if owner is not None:
+                self._wrap(owner, method, phase)
+
+    def _wrap(self, owner, method: str, phase: str) -> None:
+        inner = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            if phase == "execute":
+                batch = args[0]
+                spec = any(s.num_spec_tokens for s in batch.requests)
+                prefill = any(s.num_new_tokens - s.num_spec_tokens > 1 for s in batch.requests)
+                self._kind = "prefill" if prefill else ("verify" if spec else "decode")
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._phase[phase] = self._phase.get(phase, 0.0) + time.perf_counter() - t
+
+        setattr(owner, method, timed)
+        self._patched.append((owner, method))
+
+    def _on_gc(self, stage: str, info: dict) -> None:
+        if stage == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self._phase["gc"] = self._phase.get("gc", 0.0) + time.perf_counter() - self._gc_start
+
+    def step(self) -> None:
+        self._phase, self._kind = {}, "decode"
+        t = time.perf_counter()
+        outs = self.eng.step()
+        total = time.perf_counter() - t
+        k = self.kinds.setdefault(self._kind, {"steps": 0, "seconds": 0.0, "tokens": 0, "phases": {}})
+        k["steps"] += 1
+        k["seconds"] += total
+        k["tokens"] += sum(len(o.new_token_ids) for o in outs)
+        for phase, sec in self._phase.items():
+            k["phases"][phase] = k["phases"].get(phase, 0.0) + sec
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on_gc)
+        for owner, method in self._patched:
+            delattr(owner, method)  # the instance attribute shadowed the class's method
+
+    def summary(self) -> dict:
+        out = {}
+        for kind, k in self.kinds.items():
+            n = k["steps"]
+            out[kind] = {
+                "steps": n,
+                "ms_per_step": 1000 * k["seconds"] / n,
+                "tokens_per_step": k["tokens"] / n,
+                "phase_ms_per_step": {p: 1000 * s / n for p, s in k["phases"].items()},
+            }
+        return out
 
 
 def spec_summary(llm: LLM) -> dict | None:
@@ -220,6 +306,7 @@ def bench_batch1(llm: LLM, args) -> dict:
             "decode_steps": rs[0]["decode_steps"],
             "identical_to_baseline": all(r["tokens"] == base_tokens for r in rs),
             "spec": rs[-1]["spec"],
+            "step_trace": rs[-1].get("step_trace"),
         }
     base = out["configs"]["none"]["decode_tok_s_median"]
     for c in out["configs"].values():
@@ -245,7 +332,8 @@ def bench_concurrent(llm: LLM, args) -> dict:
             if args.profile and name == "ngram_adaptive" and rep == 0:
                 r, _ = profiled(lambda: run_many(llm, prompts, sp))
             else:
-                r = run_many(llm, prompts, sp)
+                # The last run of each configuration also says where its steps' time went.
+                r = run_many(llm, prompts, sp, trace=rep == args.concurrent_reps - 1 or name == "ngram_fixed_k")
             r["spec"] = spec_summary(llm)
             runs[name].append(r)
     out = {
@@ -260,6 +348,7 @@ def bench_concurrent(llm: LLM, args) -> dict:
             "output_tokens": rs[0]["output_tokens"],
             "steps": [r["steps"] for r in rs],
             "spec": rs[-1]["spec"],
+            "step_trace": rs[-1].get("step_trace"),
         }
     base = out["configs"]["none"]["output_tok_s_median"]
     for c in out["configs"].values():
@@ -437,6 +526,13 @@ def print_concurrent(r: dict) -> None:
         print(
             f"{name:<16}{c['output_tok_s_median']:>14.1f}{c['ratio_to_none']:>8.2f}x{s.get('num_drafts', 0):>8}{acc:>8}  {runs}"
         )
+    print("step time by kind (last run of each config): steps x ms/step, tokens/step; phases in ms/step")
+    for name, c in r["configs"].items():
+        for kind, k in (c.get("step_trace") or {}).items():
+            phases = " ".join(f"{p}={v:.2f}" for p, v in k["phase_ms_per_step"].items())
+            print(
+                f"  {name:<16}{kind:<8}{k['steps']:>5} x {k['ms_per_step']:6.2f} ms  {k['tokens_per_step']:6.1f} tok  {phases}"
+            )
 
 
 def print_draft(r: dict) -> None:

@@ -85,15 +85,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}"
-            )
-        need = self.kv.blocks_needed(len(prompt_token_ids) + 1)
-        if need > self.kv.pool.num_blocks:
-            raise ValueError(f"prompt needs {need} KV blocks; the cache has {self.kv.pool.num_blocks}")
+        self._check_prompt(prompt_token_ids)
         req = Request(request_id, list(prompt_token_ids), sampling, eos_token_ids=self.eos_token_ids)
         self.requests[request_id] = req
         self.scheduler.add(req)

@@ -25,6 +25,7 @@ import torch
 
 from engine.request import Request, RequestStatus
 from engine.runner import select_rows
+from engine.sampling.sampler import greedy_argmax
 from engine.scheduler import ScheduledBatch
 from engine.spec_decode.draft import Draft
 from engine.spec_decode.governor import SpecGovernor
@@ -152,15 +153,35 @@ class SpecDecoder:
         self._drafts.pop(req.request_id, None)
 
     # --- before scheduling -------------------------------------------------------------------
+    def _speculates(self, sched) -> bool:
+        """Whether this step may carry drafts (adaptive mode), decided before any proposing work.
+
+        The governor measures decode-only steps, so only those explore: a step that will run prompt
+        chunks (a running request still prefilling, or waiting requests the step may admit) follows
+        the mode the governor has settled on for its batch-size class, and no mode before that."""
+        n = len(sched.running)
+        prefills = any(r.num_tokens - r.num_computed_tokens != 1 for r in sched.running) or (
+            sched.waiting and n < sched.config.max_num_seqs
+        )
+        if prefills:
+            return self.governor.preferred(n) is True
+        speculating = self.governor.choose(n)
+        self._mode = (n, speculating)
+        return speculating
+
     def propose(self) -> None:
         eng = self.engine
         sched = eng.scheduler
         self._drafts.clear()
+        self._mode = None
+        for r in sched.running:
+            r.spec_token_ids = []
+        if not sched.running or (self.config.adaptive and not self._speculates(sched)):
+            return
         cands: list[Request] = []
         caps: list[int] = []
         base_tokens = num_sampling = 0
         for r in sched.running:
-            r.spec_token_ids = []
             remaining = r.num_tokens - r.num_computed_tokens
             base_tokens += min(remaining, sched.chunk_cap)
             if remaining != 1 or r.status != RequestStatus.RUNNING:
@@ -170,14 +191,8 @@ class SpecDecoder:
             if room > 0:
                 cands.append(r)
                 caps.append(min(room, self.config.num_speculative_tokens))
-        self._mode = None
         if not cands:
             return
-        if self.config.adaptive:
-            speculating = self.governor.choose(len(sched.running))
-            self._mode = (len(sched.running), speculating)
-            if not speculating:
-                return
         budget = sched.config.max_num_batched_tokens - base_tokens
         if sched.waiting:
             budget //= 2  # leave room to admit waiting requests
@@ -254,7 +269,7 @@ class SpecDecoder:
                 views.append(_RowView(req, drafts[:j]))
         raw = select_rows(logits, rows)
         processed = sampler.processed_logits(raw, views)
-        argmax = processed.argmax(dim=-1).tolist()
+        argmax = greedy_argmax(processed).tolist()
         rand = [i for i, v in enumerate(views) if not v.sampling.greedy]
         probs = sampler.probabilities(processed[rand], [views[i] for i in rand]) if rand else None
         prob_row = {v: i for i, v in enumerate(rand)}

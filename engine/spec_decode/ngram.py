@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from engine.request import Request
 
+_BULK = 16  # new positions from which indexing takes the bulk path
+
 
 class _Index:
     __slots__ = ("tokens", "tables", "indexed")
@@ -30,11 +32,18 @@ class _Index:
             have = len(prompt)
         self.tokens.extend(out[have - len(prompt) :])
         toks = self.tokens
-        for end in range(self.indexed, len(toks) - 1):
-            for n, table in self.tables.items():
-                if end + 1 >= n:
+        hi = len(toks) - 2  # the last end position indexed (the suffix itself is looked up, not stored)
+        for n, table in self.tables.items():
+            lo = max(self.indexed, n - 1)
+            if hi - lo < _BULK:  # a few new tokens (a decode step): plain inserts
+                for end in range(lo, hi + 1):
                     table[tuple(toks[end + 1 - n : end + 1])] = end
-        self.indexed = max(self.indexed, len(toks) - 1)
+                continue
+            # Many (a prompt on its first lookup): the n-grams ending at lo..hi as tuples of n shifted
+            # slices, inserted in order so the latest occurrence wins, in one C-level pass.
+            grams = zip(*(toks[lo - n + 1 + j : hi + 2 - n + j] for j in range(n)), strict=True)
+            table.update(zip(grams, range(lo, hi + 1), strict=True))
+        self.indexed = max(self.indexed, hi + 1)
 
 
 class NgramProposer:

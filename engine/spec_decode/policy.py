@@ -66,7 +66,10 @@ class Acceptance:
 
 
 class LinearCost:
-    """``cost(x) = w . x``, fitted by ridge regression towards a prior with exponential forgetting."""
+    """``cost(x) = w . x``, fitted by ridge regression towards a prior with exponential forgetting.
+
+    Observing is cheap (a rank-one update); the fit is solved only when ``w`` is read, since steps are
+    observed far more often than drafts are planned (every decode step, speculating or not)."""
 
     def __init__(self, prior: tuple[float, ...], scale: tuple[float, ...], forget: float) -> None:
         self.prior = np.asarray(prior, dtype=np.float64)
@@ -77,27 +80,37 @@ class LinearCost:
         self._b = np.zeros(len(prior))
         self.forget = forget
         self.num_observations = 0
-        self.w = self.prior.copy()
+        self._w = self.prior.copy()  # the fit as of the last solve
+        self._unsolved = 0  # observations since that solve
+
+    @property
+    def w(self) -> np.ndarray:
+        if self._unsolved:
+            w = np.linalg.solve(self._p + self._a, self._p @ self.prior + self._b)
+            self._w = np.maximum(w, self.prior * 1e-3)  # costs are positive
+            self._unsolved = 0
+        return self._w
 
     def observe(self, x: tuple[float, ...], seconds: float) -> None:
         v = np.asarray(x, dtype=np.float64)
         if self.num_observations >= 8:  # one stalled step (a busy machine) must not swing the fit
-            predicted = float(self.w @ v)
-            seconds = min(max(seconds, predicted / 3), predicted * 3)
+            # A fit at most 8 observations old is close enough for a clamp.
+            predicted = float((self.w if self._unsolved >= 8 else self._w) @ v)
+            if predicted > 0:
+                seconds = min(max(seconds, predicted / 3), predicted * 3)
         self._a = self.forget * self._a + np.outer(v, v)
         self._b = self.forget * self._b + v * seconds
         self.num_observations += 1
         if self.num_observations == 1:
             # First real measurement: rescale the prior so it speaks the measured unit (seconds).
             self.rescale(seconds / float(self.prior @ v))
-        w = np.linalg.solve(self._p + self._a, self._p @ self.prior + self._b)
-        self.w = np.maximum(w, self.prior * 1e-3)  # costs are positive
+        self._unsolved += 1
 
     def rescale(self, factor: float) -> None:
         """Change the prior's unit (e.g. to seconds, once one measurement tells the ratio)."""
         self.prior = self.prior * factor
         if self.num_observations == 0:
-            self.w = self.prior.copy()
+            self._w = self.prior.copy()
 
     def __call__(self, *x: float) -> float:
         return float(self.w @ np.asarray(x, dtype=np.float64))

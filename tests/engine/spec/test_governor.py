@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+from engine.spec_decode.decoder import SpecDecoder
 from engine.spec_decode.governor import GovernorConfig, SpecGovernor
+from engine.spec_decode.ngram import NgramProposer
 
 
 def _run(gov: SpecGovernor, steps: int, rate_on: float, rate_off: float, batch: int = 8) -> float:
@@ -49,3 +53,29 @@ def test_batch_classes_are_independent():
     _run(gov, 300, rate_on=500.0, rate_off=1000.0, batch=64)
     assert gov.preferred(1) is True and gov.preferred(64) is False
     assert gov.preferred(2) is None  # never measured
+
+
+def _sched(remaining: list[int], waiting: int = 0, max_num_seqs: int = 8) -> SimpleNamespace:
+    """What ``SpecDecoder`` reads of a scheduler: running requests' progress, the queue, the seat limit."""
+    running = [SimpleNamespace(num_tokens=100, num_computed_tokens=100 - r) for r in remaining]
+    return SimpleNamespace(
+        running=running, waiting=[object()] * waiting, config=SimpleNamespace(max_num_seqs=max_num_seqs)
+    )
+
+
+def test_only_decode_only_steps_explore():
+    dec = SpecDecoder(NgramProposer())
+    # A step that will run a prompt chunk: no decision is made or recorded, and before the class
+    # has settled on speculation, no drafts.
+    for sched in (_sched([1, 37]), _sched([1, 1], waiting=1)):
+        assert dec._speculates(sched) is False and dec._mode is None
+    assert dec.governor.preferred(2) is None
+    # Waiting requests that cannot be seated leave the step decode-only.
+    assert dec._speculates(_sched([1, 1], waiting=3, max_num_seqs=2)) is True
+    assert dec._mode == (2, True)
+    # Once the class prefers speculation, steps with prompt chunks follow it (without exploring).
+    for _ in range(20):
+        speculate = dec.governor.choose(2)
+        dec.governor.record(2, speculate, tokens=10, seconds=0.5 if speculate else 1.0)
+    dec._mode = None
+    assert dec._speculates(_sched([1, 37])) is True and dec._mode is None

@@ -35,6 +35,36 @@ def test_ngram_copy_overlaps_itself_and_misses_cleanly():
     assert len(p) == 2
 
 
+def _ngram_by_search(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The n-gram rule by brute force: longest suffix (max_n..min_n) with an earlier occurrence; copy
+    what followed its latest one, the copy running into itself."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n :]
+        for end in range(length - 2, n - 2, -1):
+            if tokens[end - n + 1 : end + 1] == suffix:
+                out: list[int] = []
+                for i in range(k):
+                    pos = end + 1 + i
+                    out.append(tokens[pos] if pos < length else out[pos - length])
+                return out
+    return []
+
+
+def test_ngram_index_matches_brute_force_search_as_tokens_arrive():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        vocab = 3 + trial % 5  # small vocabularies repeat n-grams often
+        prompt = torch.randint(0, vocab, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen)
+        r = _req(prompt.tolist(), f"t{trial}")
+        p = NgramProposer(min_n=1 + trial % 2, max_n=4)
+        for _ in range(25):
+            k = 1 + int(torch.randint(0, 6, (1,), generator=gen))
+            assert p.propose(r, k) == _ngram_by_search(r.all_token_ids, k, p.min_n, p.max_n)
+            step = int(torch.randint(1, 4, (1,), generator=gen))  # several tokens between lookups
+            r.output_token_ids += torch.randint(0, vocab, (step,), generator=gen).tolist()
+
+
 # --- verification rules ---------------------------------------------------------------------------
 def test_match_drafts_consumes_one_target_choice_per_emitted_token():
     calls = []
