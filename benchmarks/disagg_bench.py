@@ -1,6 +1,7 @@
 """Does disaggregation pay? Same ``long-mixed`` load (long prompts arriving among short chats) against:
 
   split       1 prefill + 1 decode worker (each on its own GPU)
+  split-p2048 the same, 2048-token prefill steps (every worker's default is 512)
   agg         2 aggregated replicas (decode workers that prefill locally, chunked prefill on)
   agg-nochunk 2 aggregated replicas with chunked prefill off (a whole prompt in one step)
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 CONFIGS = {
     "split": ["--num-prefill", "1", "--num-decode", "1"],
+    # The prefill worker with 2048-token steps (it has no decodes to protect from long steps).
+    "split-p2048": ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", "2048"],
     "agg": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", "512"],
     "agg-nochunk": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", "16384"],
 }

@@ -53,12 +53,13 @@ def ttft_disaggregated(model: str, pdev: str, ddev: str, ps: list[list[int]], ma
     try:
         drv = PDDriver(paddr, daddr, SECRET, timeout_s=120)
         sp = common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        out = []
+        out, parts = [], []
         for i, prompt in enumerate(ps):
             t0 = time.perf_counter()
             deadline_ms = int((time.time() + 120) * 1000)
             reserved = drv.decode.Reserve(worker_pb2.ReserveRequest(request_id=f"r{i}", prompt_token_ids=prompt, sampling=sp, deadline_ms=deadline_ms), metadata=drv.md)
             assert reserved.HasField("handle"), reserved.error
+            t1 = time.perf_counter()
             pre = drv.prefill.Prefill(worker_pb2.PrefillRequest(request_id=f"r{i}", prompt_token_ids=prompt, sampling=sp, kv_target=reserved.handle, deadline_ms=deadline_ms), metadata=drv.md)
             assert pre.HasField("result"), pre.error
             stream = drv.decode.Decode(worker_pb2.DecodeRequest(request_id=f"r{i}", first_token_id=pre.result.first_token_id), metadata=drv.md)
@@ -66,7 +67,11 @@ def ttft_disaggregated(model: str, pdev: str, ddev: str, ps: list[list[int]], ma
             msgs = list(stream)
             assert not msgs[-1].HasField("error"), msgs[-1].error
             out.append(first - t0)
-        return out
+            # Where the time went: the Reserve round trip, the Prefill call (the prefill worker's own
+            # account: admission to last chunk done, first KV piece sent to transfer SUCCESS).
+            parts.append({"reserve_ms": 1e3 * (t1 - t0), "prefill_call_ms": 1e3 * (first - t1),
+                          "p_prefill_ms": pre.result.prefill_ms, "p_transfer_ms": pre.result.transfer_ms})
+        return out, parts
     finally:
         for proc in (p, d):
             proc.terminate()
@@ -118,11 +123,13 @@ def main() -> None:
     warm = prompts(2, args.prompt_len, vocab, seed=99)
     ps = prompts(args.num, args.prompt_len, vocab, seed=1)
     agg = ttft_aggregated(args.model, args.prefill_device, warm + ps, max_len, args.chunk)[len(warm):]
-    dis = ttft_disaggregated(args.model, args.prefill_device, args.decode_device, warm + ps, max_len, args.chunk)[len(warm):]
+    dis, parts = ttft_disaggregated(args.model, args.prefill_device, args.decode_device, warm + ps, max_len, args.chunk)
+    dis, parts = dis[len(warm):], parts[len(warm):]
     res = {
-        "date": time.strftime("%Y-%m-%d"), "model": args.model, "prompt_len": args.prompt_len,
+        "date": time.strftime("%Y-%m-%d"), "model": args.model, "prompt_len": args.prompt_len, "chunk": args.chunk,
         "devices": [args.prefill_device, args.decode_device], "aggregated_s": agg, "disaggregated_s": dis,
         "aggregated_median_ms": 1000 * statistics.median(agg), "disaggregated_median_ms": 1000 * statistics.median(dis),
+        "disaggregated_parts_median_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
     }
     res["ratio"] = res["disaggregated_median_ms"] / res["aggregated_median_ms"]
     try:
@@ -136,6 +143,7 @@ def main() -> None:
     print(f"\nTTFT, {args.model}, prompt {args.prompt_len} tokens, {res['card']}")
     print(f"aggregated (1 GPU)   {res['aggregated_median_ms']:8.1f} ms")
     print(f"P -> D (2 GPUs)      {res['disaggregated_median_ms']:8.1f} ms   ratio {res['ratio']:.3f}")
+    print("P -> D parts (medians, ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res["disaggregated_parts_median_ms"].items()))
 
 
 if __name__ == "__main__":

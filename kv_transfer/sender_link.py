@@ -198,7 +198,10 @@ class Link:
                 direct = self.connection is not None and not self._queued
             if direct:
                 try:
+                    t1 = time.perf_counter()
                     self._post(job, self.connection, kv_cache)
+                    if diag.ENABLED:
+                        diag.trace("P", "posted", post_ms=1e3 * (time.perf_counter() - t1), blocks=len(job.src))
                 except LINK_ERRORS as exc:
                     self.sender.settle(
                         job.outgoing, TransferState.FAILED, f"link to {self.address} failed: {exc}"

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from engine.engine import LLMEngine
 from engine.metrics import KVTransferMetrics
 from engine.request import Request, RequestStatus
+from kv_transfer import diag
 from kv_transfer.base import KVSender, TransferHandle, TransferState
+
+# While only acknowledgements are outstanding the loop polls the transfer state this often: a
+# finished transfer is seen up to this much later (a sleep ends ~50 us past what it asks).
+ACK_POLL_S = 0.0001
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class PrefillTransfers:
         self.kv_cache = kv_cache
         self.metrics = metrics if metrics is not None else KVTransferMetrics()
         self.jobs: dict[str, _Job] = {}
+        self._last_after_step = time.perf_counter()
 
     def add(self, req: Request, handle: TransferHandle, deadline: float) -> Future:
         job = _Job(req, handle, deadline, sent_upto=handle.first_block_index)
@@ -79,6 +85,7 @@ class PrefillTransfers:
 
     def after_step(self) -> bool:
         now = time.time()
+        t0 = time.perf_counter()
         for job in list(self.jobs.values()):
             try:
                 self._advance(job, now)
@@ -86,8 +93,12 @@ class PrefillTransfers:
                 log.warning("prefill %s: transfer error: %s", job.req.request_id, e)
                 self.jobs.pop(job.req.request_id, None)
                 self._end(job, PrefillFailed("TRANSFER_FAILED", f"KV transfer failed: {e}", retryable=True))
+        if diag.ENABLED and self.jobs:
+            t1 = time.perf_counter()
+            diag.trace("P", "after_step", since_last_ms=1e3 * (t0 - self._last_after_step), took_ms=1e3 * (t1 - t0), jobs=len(self.jobs))
+            self._last_after_step = t1
         if self.jobs and not self.engine.has_unfinished():
-            time.sleep(0.0005)  # only acknowledgements outstanding: poll gently
+            time.sleep(ACK_POLL_S)  # only acknowledgements outstanding: poll gently
         return bool(self.jobs)
 
     def _advance(self, job: _Job, now: float) -> None:
