@@ -7,8 +7,11 @@ Per sequence (one choice):
    ``DecodeService.Decode(first token)``; local: ``Decode(local_prefill=True)``;
 4. the Decode stream's chunks become ``TokenEvent``s until one carries a finish reason.
 
-Every call has a deadline. A retryable failure (worker unavailable, out of blocks, KV transfer failed)
-re-places the sequence without the failed worker, at most ``max_attempts`` times; if tokens were
+Every call has a deadline. A full worker (RESOURCE_EXHAUSTED: no blocks or reservation slots now) is
+backpressure, not a fault: the sequence is placed on another worker, and when every worker is full it
+waits (backing off) and tries them all again, for up to ``overload_wait_s``; such tries are not
+attempts. Any other retryable failure (worker unavailable, KV transfer failed) re-places the sequence
+without the failed worker, at most ``max_attempts`` times; if tokens were
 already streamed, the new D resumes from prompt + those tokens (``ReserveRequest.output_token_ids``)
 with a local prefill, so the client sees one uninterrupted stream. Anything else becomes a
 ``BackendError`` with a clear message. Leaving the iterator early (cancellation, the router's stop
@@ -48,6 +51,7 @@ class ClusterConfig:
     control_timeout_s: float = 2.0  # Abort
     refresh_interval_s: float = 1.0  # readiness snapshot from the store
     max_attempts: int = 3
+    overload_wait_s: float = 60.0  # how long a sequence may wait for a full cluster to have room
     secret: str = field(default="", repr=False)  # shared secret the workers authenticate us with
 
 
@@ -71,6 +75,7 @@ _KIND_BY_STATUS = {
     grpc.StatusCode.UNAVAILABLE: BackendErrorKind.UNAVAILABLE,
 }
 _RETRYABLE_STATUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+OVERLOAD_BACKOFF_S = (0.05, 1.0)  # first and longest wait while every worker is full
 
 
 class WorkerFailure(BackendError):
@@ -176,15 +181,32 @@ class ClusterBackend:
     # -- generation ---------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        cfg = self.config
         state = _Attempt()
-        excluded: set[str] = set()
+        excluded: set[str] = set()  # failed workers: not asked again for this sequence
+        full: set[str] = set()  # full workers: skipped until every worker is full, then waited for
+        last_full: WorkerFailure | None = None
+        wait_until = time.monotonic() + cfg.overload_wait_s
+        backoff = OVERLOAD_BACKOFF_S[0]
+        attempt = tries = 0  # failures counted against max_attempts; placements (names the worker request)
         finished = False
         try:
-            for attempt in range(self.config.max_attempts):
-                pairing = await self._place(request, excluded)
+            while True:
+                try:
+                    pairing = await self._place(request, excluded | full)
+                except BackendError as err:
+                    if not full or err.kind != BackendErrorKind.UNAVAILABLE:
+                        raise
+                    if time.monotonic() >= wait_until:
+                        raise last_full from None  # the cluster stayed full for overload_wait_s
+                    # Every worker left is full: give them time to drain, then try them all again.
+                    await asyncio.sleep(min(backoff, max(0.0, wait_until - time.monotonic())))
+                    backoff = min(2 * backoff, OVERLOAD_BACKOFF_S[1])
+                    full.clear()
+                    continue
                 placed = time.monotonic()
                 try:
-                    async for event in self._run(request, pairing, state, attempt, placed):
+                    async for event in self._run(request, pairing, state, tries, placed):
                         state.emitted.extend(event.token_ids)
                         yield event
                         if event.finish_reason is not None:
@@ -198,7 +220,13 @@ class ClusterBackend:
                     )
                 except WorkerFailure as failure:
                     await self._abort_active(request.request_id)
-                    if not failure.retryable or attempt + 1 == self.config.max_attempts:
+                    tries += 1
+                    if failure.kind == BackendErrorKind.OVERLOADED:
+                        full.add(failure.worker_id)  # healthy, only full: not an attempt
+                        last_full = failure
+                        continue
+                    attempt += 1
+                    if not failure.retryable or attempt == cfg.max_attempts:
                         raise
                     log.warning(
                         "retrying %s without %s: %s", request.request_id, failure.worker_id, failure.message
@@ -227,13 +255,14 @@ class ClusterBackend:
             raise BackendError(BackendErrorKind.UNAVAILABLE, f"placement store error: {err}") from err
 
     async def _run(
-        self, request: GenerateRequest, pairing: Pairing, state: _Attempt, attempt: int, placed: float
+        self, request: GenerateRequest, pairing: Pairing, state: _Attempt, tries: int, placed: float
     ) -> AsyncIterator[TokenEvent]:
+        """One placement of the sequence; ``tries``: placements before this one (0 for the first)."""
         cfg = self.config
         d = pairing.decode
         # Resuming after streamed tokens: the new D prefills prompt + those tokens itself.
         prefill = pairing.prefill if not state.emitted else None
-        worker_request_id = request.request_id if attempt == 0 else f"{request.request_id}#{attempt}"
+        worker_request_id = request.request_id if tries == 0 else f"{request.request_id}#{tries}"
         metadata = request_id_metadata(request.trace_id or request.request_id)
         active = _Active(worker_request_id, d.address, metadata=metadata)
         self._active[request.request_id] = active
@@ -255,7 +284,7 @@ class ClusterBackend:
         if reserved.WhichOneof("outcome") != "handle":
             raise _from_error(reserved.error, d.worker_id, "Reserve")
         route = Route(d.worker_id, prefill.worker_id if prefill else None)
-        timing = SequenceTiming(placed=placed, reserved=time.monotonic(), attempts=attempt + 1)
+        timing = SequenceTiming(placed=placed, reserved=time.monotonic(), attempts=tries + 1)
 
         decode_req = worker_pb2.DecodeRequest(
             request_id=worker_request_id,

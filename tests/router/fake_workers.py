@@ -22,6 +22,7 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
     worker_id: str
     address: str = ""  # set by WorkerServer
     reserve_error: int | None = None  # an ErrorCode to refuse Reserve with
+    reserve_error_calls: int | None = None  # refuse only this many calls (None: every call)
     die_after_chunks: int | None = None  # abort the Decode stream with UNAVAILABLE after this many chunks
     hang: bool = False  # never send a chunk
     reserve_calls: int = 0
@@ -31,7 +32,8 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
 
     async def Reserve(self, request, context):
         self.reserve_calls += 1
-        if self.reserve_error is not None:
+        refusing = self.reserve_error_calls is None or self.reserve_calls <= self.reserve_error_calls
+        if self.reserve_error is not None and refusing:
             return worker_pb2.ReserveResponse(error=common_pb2.Error(code=self.reserve_error, message="full"))
         self.reservations[request.request_id] = request
         handle = worker_pb2.KVTarget(

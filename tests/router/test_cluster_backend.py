@@ -135,12 +135,35 @@ async def test_non_retryable_error_is_reported(cluster: Cluster) -> None:
 
 async def test_retries_are_bounded(cluster: Cluster) -> None:
     for i in range(4):
-        await cluster.add(FakeDecode(f"d{i}", reserve_error=common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED))
+        await cluster.add(FakeDecode(f"d{i}", reserve_error=common_pb2.ERROR_CODE_UNAVAILABLE))
     with pytest.raises(BackendError) as err:
         await collect(backend(cluster, max_attempts=3), req(prompt=SHORT))
-    assert err.value.kind == BackendErrorKind.OVERLOADED
+    assert err.value.kind == BackendErrorKind.UNAVAILABLE
     # Three attempts, each on a different worker; the fourth worker is never asked.
     assert sorted(w.reserve_calls for w in cluster.workers.values()) == [0, 1, 1, 1]
+
+
+async def test_a_full_cluster_is_waited_for_not_failed(cluster: Cluster) -> None:
+    # Both decode workers are full for their first three Reserves (backpressure, not a fault).
+    for i in range(2):
+        await cluster.add(
+            FakeDecode(f"d{i}", reserve_error=common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED, reserve_error_calls=3)
+        )
+    events = await collect(backend(cluster, max_attempts=1, overload_wait_s=10.0), req(prompt=SHORT))
+    assert len([t for ev in events for t in ev.token_ids]) == 5
+    assert sorted(w.reserve_calls for w in cluster.workers.values()) == [3, 4]
+    served = events[0].route.decode_worker
+    assert list(cluster.workers[served].reservations) == [f"r1#{events[0].timing.attempts - 1}"]
+
+
+async def test_a_full_cluster_fails_once_the_wait_is_over(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0", reserve_error=common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED))
+    start = asyncio.get_running_loop().time()
+    with pytest.raises(BackendError) as err:
+        await collect(backend(cluster, overload_wait_s=0.3), req(prompt=SHORT))
+    assert err.value.kind == BackendErrorKind.OVERLOADED and "d0" in err.value.message
+    assert 0.3 <= asyncio.get_running_loop().time() - start < 3.0
+    assert cluster.workers["d0"].reserve_calls >= 3  # tried again while waiting
 
 
 async def test_early_exit_aborts_on_the_workers(cluster: Cluster) -> None:
