@@ -269,9 +269,12 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.attn)
             sampled = list(inputs.sampled_requests)
             logits = self.model.compute_logits(hidden[inputs.logits_rows]) if sampled else None
-        self._bound_run_ahead()
         if not sampled:
+            self._bound_run_ahead()
             return StepOutput({}, {})
+        if self._launched:
+            # Reading this step's tokens back waits for every launched step: no event needed.
+            self._launched.clear()
         if batch.has_spec:
             return StepOutput({}, {}, logits)
         out = self.sampler(logits, sampled)

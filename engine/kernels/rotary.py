@@ -20,9 +20,10 @@ from engine.kernels._common import FLOAT_DTYPES, check_device, check_tensor, nex
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     x_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr
 ):
+    """Rotate ``NUM_HEADS`` head vectors at ``x_ptr`` (``stride_h`` apart) in place, fp32 math."""
     heads = tl.arange(0, HEADS_PAD)
     i = tl.arange(0, HALF)
     mask = heads[:, None] < NUM_HEADS
@@ -60,8 +61,8 @@ def _rotary_kernel(
     i = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_cos + i).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_sin + i).to(tl.float32)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, K_HEADS_PAD, HALF)
+    rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF)
+    rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, K_HEADS_PAD, HALF)
 
 
 def apply_rotary(

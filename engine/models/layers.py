@@ -176,6 +176,22 @@ class TorchOps:
             return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+    def rotary_and_write_kv(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: RotaryEmbedding,
+        attn,
+        kv_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotary on q and k, then k and v into the cache through the attention backend; returns q."""
+        q, k = self.rotary(positions, q, k, rope)
+        attn.write_kv(k, v, kv_layer, slot_mapping)
+        return q
+
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return nn.functional.silu(gate) * up
@@ -183,7 +199,8 @@ class TorchOps:
 
 class TritonOps:
     """The fused Triton kernels: RMSNorm with the residual add folded in (residual updated in
-    place), rotary in place on q/k views of the fused qkv output, SiLU-and-mul in one pass.
+    place), rotary in place on the q view of the fused qkv output with the rotated keys and the
+    values written straight into the KV cache (one kernel), SiLU-and-mul in one pass.
 
     Holds the fp32 rotary tables (``[max_positions, D/2]``) built from the model's own
     ``RotaryEmbedding``, so rope scaling is applied exactly and never rounded to bf16.
@@ -196,9 +213,11 @@ class TritonOps:
         from engine.kernels.activation import silu_and_mul
         from engine.kernels.norm import fused_add_rms_norm, rms_norm
         from engine.kernels.rotary import apply_rotary
+        from engine.kernels.rotary_kv_write import rotary_kv_write
 
         self._rms_norm, self._fused_add_rms_norm = rms_norm, fused_add_rms_norm
         self._apply_rotary, self._silu_and_mul = apply_rotary, silu_and_mul
+        self._rotary_kv_write = rotary_kv_write
         self.cos, self.sin = rope.half_tables_fp32(device)
 
     def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
@@ -214,6 +233,23 @@ class TritonOps:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._apply_rotary(q, k, positions, self.cos, self.sin)
         return q, k
+
+    def rotary_and_write_kv(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: RotaryEmbedding,
+        attn,
+        kv_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """One kernel: q rotated in place, rotated k and v written into ``kv_layer`` (the Triton
+        backend's cache layout, the only backend these ops run with); returns q. ``k`` is left
+        unrotated: attention reads keys from the cache only."""
+        self._rotary_kv_write(q, k, v, positions, self.cos, self.sin, kv_layer, slot_mapping)
+        return q
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._silu_and_mul(gate_up)

@@ -48,8 +48,7 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D] (views into the qkv output)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = ctx.ops.rotary(positions, q, k, ctx.rope)
-        ctx.attn.write_kv(k, v, kv_layer, ctx.meta.slot_mapping)
+        q = ctx.ops.rotary_and_write_kv(positions, q, k, v, ctx.rope, ctx.attn, kv_layer, ctx.meta.slot_mapping)
         o = ctx.attn.attend(q, kv_layer, ctx.meta, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 
