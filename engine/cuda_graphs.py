@@ -45,6 +45,8 @@ def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+# Buckets up to this size also get a device-fed twin (``DecodeGraphs.run_fed``): lookahead decoding.
+FED_MAX_BATCH = 64
 # Up to this many rows a step's inputs are packed element by element: a few scalar writes cost
 # less host time than the dozen numpy calls of the general path (tens of microseconds at batch 1,
 # during which the device idles).
@@ -173,7 +175,12 @@ class DecodeGraphs:
         self._replayed = torch.cuda.Event()
         self._pending = False
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, n) -> logits[:n] view
+        # Device-fed twins of the buckets up to FED_MAX_BATCH (see ``run_fed``): their token ids come
+        # from ``feed`` on the device, the rest of their inputs through their own pinned staging.
+        self.fed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.feed = torch.zeros(self.max_batch, dtype=torch.int32, device=kv_cache.device)
+        self._fed_staging = PinnedStaging()
+        self._rows: dict[tuple[int, int, bool], torch.Tensor] = {}  # (bucket, n, fed) -> logits[:n]
         self.pool = torch.cuda.graph_pool_handle()
 
     def _input_size(self, b: int) -> int:
@@ -191,9 +198,11 @@ class DecodeGraphs:
         size = self._input_size(b)
         self.inputs[:size].copy_(self.host_inputs[:size], non_blocking=True)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, fed: bool = False) -> torch.Tensor:
         size = self._input_size(b)
-        if self.upload_in_graph:
+        if fed:
+            self.inputs[:b].copy_(self.feed[:b])  # token ids: the previous step's, never on the host
+        elif self.upload_in_graph:
             self._upload(b)
         header = self.inputs[: 5 * b + 1]
         longs = header[: 3 * b].long()  # ids, positions, slots: int64 for embedding/index ops
@@ -236,12 +245,29 @@ class DecodeGraphs:
         self.graphs[b] = (graph, logits)
         logger.info("captured decode CUDA graph for batch %d in %.2f s", b, time.perf_counter() - start)
 
-    def _record(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _record(self, b: int, fed: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(b)
+            logits = self._forward(b, fed)
         torch.cuda.synchronize()
         return graph, logits
+
+    @torch.inference_mode()
+    def capture_fed(self, b: int) -> None:
+        """The device-fed twin of bucket ``b`` (``b <= FED_MAX_BATCH``)."""
+        if b not in self.sizes or b > FED_MAX_BATCH:
+            raise ValueError(f"{b} is not a device-fed graph bucket")
+        if b in self.fed_graphs:
+            return
+        # All-padding inputs (slot -1): the warm-up touches no cache slot.
+        size = self._input_size(b)
+        host = self._fed_staging.host(size)
+        host[:] = 0
+        host[2 * b : 3 * b] = -1
+        self._fed_staging.upload(self.inputs, size)
+        self._forward(b, fed=True)
+        torch.cuda.synchronize()
+        self.fed_graphs[b] = self._record(b, fed=True)
 
     def capture_all(self, max_batch: int | None = None) -> float:
         """Capture every bucket up to ``max_batch`` (largest first, so smaller graphs reuse its
@@ -251,6 +277,9 @@ class DecodeGraphs:
         for i, b in enumerate(reversed(sizes)):
             self.capture(b)
             logger.info("decode CUDA graphs: %d/%d captured", i + 1, len(sizes))
+        for b in reversed(sizes):
+            if b <= FED_MAX_BATCH:
+                self.capture_fed(b)
         return time.perf_counter() - start
 
     # --- replay ------------------------------------------------------------------------------
@@ -277,9 +306,34 @@ class DecodeGraphs:
         graph.replay()
         self._replayed.record()
         self._pending = True
-        rows = self._rows.get((b, n))
+        rows = self._rows.get((b, n, False))
         if rows is None:
-            rows = self._rows[b, n] = logits[:n]
+            rows = self._rows[b, n, False] = logits[:n]
+        return rows
+
+    def run_fed(self, token_ids: torch.Tensor, positions: list[int], block_ids: list[list[int]]) -> torch.Tensor | None:
+        """A decode step whose token ids are already on the device (``token_ids`` [n], e.g. the
+        argmax of the step still running): launched without waiting for them to reach the host.
+        Returns the logits rows like ``run``, or None when no device-fed graph fits ``n``.
+
+        Its inputs go through their own pinned staging (the step before may not have read
+        ``host_inputs`` yet), uploaded in stream order after the steps already launched."""
+        n = len(positions)
+        b = self.bucket(n)
+        if b is None or b > FED_MAX_BATCH:
+            return None
+        if b not in self.fed_graphs:
+            self.capture_fed(b)
+        size = self._input_size(b)
+        host = self._fed_staging.host(size)
+        pack_decode_inputs(host, b, self.width, self.block_size, [0] * n, positions, block_ids)
+        self._fed_staging.upload(self.inputs, size)
+        self.feed[:n].copy_(token_ids)
+        graph, logits = self.fed_graphs[b]
+        graph.replay()
+        rows = self._rows.get((b, n, True))
+        if rows is None:
+            rows = self._rows[b, n, True] = logits[:n]
         return rows
 
     def _pack(self, b: int, token_ids: list[int], positions: list[int], block_ids: list[list[int]]) -> None:

@@ -141,7 +141,15 @@ class LLMEngine:
                 all(s.samples for s in reqs),
             )
             decode_only = all(s.num_new_tokens - s.num_spec_tokens == 1 and s.samples for s in reqs)
-        out = self.runner.execute(batch)
+        # Lookahead decoding (runner) pays when the next step is this one again: not while requests
+        # wait to be admitted, nor with speculation (whose steps change shape). The lookahead step
+        # writes each decode's next position: its block is taken now (when one is free), not next step.
+        lookahead = self.runner.can_look_ahead and self.spec is None and not self.scheduler.waiting
+        if lookahead:
+            for s in batch.requests:
+                if s.num_new_tokens == 1 and s.samples:
+                    self.kv.allocate_slots(s.request, 2)
+        out = self.runner.execute(batch, lookahead=lookahead)
         results = self._update(batch, out)
         if self.spec is not None:
             end = time.perf_counter()

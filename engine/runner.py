@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.cuda_graphs import DecodeGraphs, PinnedStaging, graph_batch_sizes
+from engine.cuda_graphs import FED_MAX_BATCH, DecodeGraphs, PinnedStaging, graph_batch_sizes
 from engine.gemv_dispatch import GemvDispatch, install_gemv
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
@@ -49,6 +49,17 @@ class StepOutput:
     # Steps that verify draft tokens sample nothing here: the logits of every sampled row (a request
     # owns ``ScheduledRequest.num_logits_rows`` consecutive rows, in batch order) go to the verifier.
     logits: torch.Tensor | None = None
+
+
+@dataclass
+class Lookahead:
+    """A decode step launched before the step it follows had its tokens on the host (see
+    ``ModelRunner.execute``): for these requests, at these positions, fed these tokens."""
+
+    request_ids: tuple[str, ...]
+    positions: tuple[int, ...]  # each request's num_computed_tokens when the step runs
+    logits: torch.Tensor  # [n, V], valid until the next graph replay
+    tokens: tuple[int, ...] = ()  # the fed token ids, once read back
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,9 @@ class ModelRunner:
             install_gemv(model, self.gemv)
             self.gemv.prepare_modules(model, rows=[b for b in graph_batch_sizes(max_graph_batch) if b <= 4])
         self.staging = PinnedStaging() if self.device.type == "cuda" else None
+        self._ahead: Lookahead | None = None
+        self.lookahead_counts = {"used": 0, "dropped": 0}  # lookahead steps taken / thrown away
+        self._token_host: torch.Tensor | None = None  # pinned landing place of a step's greedy tokens
         self._launched: deque[torch.cuda.Event] | None = deque() if self.device.type == "cuda" else None
         if cuda_graphs is None:
             cuda_graphs = self.uses_triton_ops
@@ -260,9 +274,85 @@ class ModelRunner:
         while len(self._launched) > MAX_STEPS_AHEAD:
             self._launched.popleft().synchronize()  # waits without the GIL
 
+    # --- lookahead decoding -------------------------------------------------------------------
+    @property
+    def can_look_ahead(self) -> bool:
+        """Whether decode steps may be launched ahead (device-fed decode graphs exist)."""
+        return self.graphs is not None
+
+    def _matches(self, ahead: Lookahead, batch: ScheduledBatch) -> bool:
+        """Whether ``batch`` is the step ``ahead`` computed: same requests in the same order, one
+        token each at the predicted position, and that token the one fed on the device."""
+        reqs = batch.requests
+        if len(reqs) != len(ahead.request_ids):
+            return False
+        for s, rid, pos, tok in zip(reqs, ahead.request_ids, ahead.positions, ahead.tokens, strict=True):
+            r = s.request
+            if r.request_id != rid or s.num_new_tokens != 1 or r.num_computed_tokens != pos:
+                return False
+            if not s.samples or not r.output_token_ids or r.output_token_ids[-1] != tok:
+                return False
+        return True
+
+    def _can_look_ahead(self, batch: ScheduledBatch) -> bool:
+        """A decode-only graph step whose tokens are plain argmaxes (greedy, no logprobs, nothing
+        that edits logits, from the stock sampler) and whose every request surely runs again: not
+        at its last token, the next position's KV slot already allocated."""
+        if self.graphs is None or len(batch.requests) > FED_MAX_BATCH:
+            return False
+        if type(self.sampler) is not Sampler:
+            return False  # a replaced sampler (teacher forcing, recording) makes its own choices
+
+        bs, limit = self.block_size, self.graphs.max_context
+        for s in batch.requests:
+            r, sp = s.request, s.request.sampling
+            if s.num_new_tokens != 1 or not s.samples or not sp.greedy or sp.logprobs is not None:
+                return False
+            if sp.needs_penalties or sp.logit_bias or len(r.output_token_ids) < sp.min_tokens:
+                return False
+            nxt = r.num_computed_tokens + 1
+            if len(r.output_token_ids) + 1 >= sp.max_tokens or nxt >= limit or nxt // bs >= len(r.block_ids):
+                return False
+        return True
+
+    def _greedy_with_lookahead(self, batch: ScheduledBatch, logits: torch.Tensor, sampled: list[Request]) -> StepOutput:
+        """Argmax on the device; launch the next step fed with it; only then wait for the tokens.
+
+        The next step (same requests, one position on) runs on the device while the host applies
+        this step's tokens and schedules: if the schedule is that step, ``execute`` takes its
+        logits instead of launching it. If not (a request stopped, another arrived), they are
+        dropped; its KV writes stay harmless: each went to the slot its request's next token takes,
+        with that token's values, and a freed block is reused only by later work in stream order."""
+        n = len(sampled)
+        tokens_dev = logits.argmax(dim=-1)
+        if self._token_host is None or self._token_host.numel() < n:
+            self._token_host = torch.empty(max(n, 64), dtype=torch.int64, pin_memory=True)
+        landing = self._token_host[:n]
+        landing.copy_(tokens_dev, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        reqs = [s.request for s in batch.requests]
+        positions = [r.num_computed_tokens + 1 for r in reqs]
+        ahead = self.graphs.run_fed(tokens_dev, positions, [r.block_ids for r in reqs])
+        landed.synchronize()  # this step only, without the GIL; the lookahead keeps the GPU busy
+        tokens = landing.tolist()
+        if ahead is not None:
+            self._ahead = Lookahead(tuple(r.request_id for r in reqs), tuple(positions), ahead, tuple(tokens))
+        ids = [r.request_id for r in sampled]
+        return StepOutput(dict(zip(ids, tokens, strict=True)), dict.fromkeys(ids))
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
-        if self._graph_bucket(batch) is not None:
+    def execute(self, batch: ScheduledBatch, lookahead: bool = False) -> StepOutput:
+        """Run one step. ``lookahead``: the caller expects the same requests to decode again next
+        step (nothing waits to be admitted), so an eligible decode step may launch the next one
+        before its own tokens reach the host (``_greedy_with_lookahead``)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            use = self._matches(ahead, batch)
+            self.lookahead_counts["used" if use else "dropped"] += 1
+        if ahead is not None and use:
+            logits, sampled = ahead.logits, [s.request for s in batch.requests]
+        elif self._graph_bucket(batch) is not None:
             logits, sampled = self._execute_graph(batch)
         else:
             inputs = self.prepare(batch)
@@ -277,6 +367,8 @@ class ModelRunner:
             self._launched.clear()
         if batch.has_spec:
             return StepOutput({}, {}, logits)
+        if lookahead and self._can_look_ahead(batch):
+            return self._greedy_with_lookahead(batch, logits, sampled)
         out = self.sampler(logits, sampled)
         ids = [r.request_id for r in sampled]
         return StepOutput(

@@ -252,3 +252,46 @@ def test_memory_plan_stays_within_utilization():
 
 def _first_diff(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_lookahead_decoding_keeps_outputs_and_is_used():
+    """Decode steps launched before the previous step's tokens reach the host: same tokens as
+    without, through requests stopping at different lengths, and a lookahead thrown away by an
+    abort and by an arrival mid-decode (both timed while a lookahead is pending)."""
+    model = hf_model(GPU_LLAMA)
+    prompts = list(random_prompts(6, GPU_LLAMA["vocab_size"], 5, 40, seed=21).values())
+    lengths = [3, 17, 40, 40, 64, 9]
+    outputs, events = {}, {}
+    for lookahead in (True, False):  # the lookahead run picks the moments, the other replays them
+        eng = _engine(GPU_LLAMA, _weights(model), torch.bfloat16)
+        if not lookahead:
+            real = eng.runner.execute
+            eng.runner.execute = lambda batch, lookahead=False, _real=real: _real(batch, lookahead=False)
+        reqs = [
+            eng.add_request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts[:5], lengths, strict=False))
+        ]
+        late, steps = None, 0
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+            pending = eng.runner._ahead is not None
+            if lookahead and pending and steps >= 10 and "abort" not in events:
+                events["abort"] = steps
+            if lookahead and pending and steps >= 20 and "arrive" not in events:
+                events["arrive"] = steps
+            if steps == events.get("abort"):
+                eng.abort("r3")  # mid-decode
+            if steps == events.get("arrive"):
+                sp = SamplingParams(max_tokens=lengths[5], temperature=0.0, ignore_eos=True)
+                late = eng.add_request("late", prompts[5], sp)
+            eng.check_integrity()
+        outputs[lookahead] = [list(r.output_token_ids) for r in reqs] + [list(late.output_token_ids)]
+        counts = eng.runner.lookahead_counts
+        if lookahead:
+            assert counts["used"] >= 30, counts  # most decode steps ran from a lookahead
+            assert counts["dropped"] >= 2, counts  # the abort and the arrival
+        else:
+            assert counts == {"used": 0, "dropped": 0}
+    assert outputs[True] == outputs[False]
+    assert [len(o) for o in outputs[True]][:3] == lengths[:3]
