@@ -24,6 +24,7 @@ class DriveResult:
     error: common_pb2.Error | None = None
     num_cached_tokens_prefill: int = 0
     num_transferred_blocks: int = 0
+    first_token_before_kv: bool = False  # streamed: P answered the first token before the KV landed
 
 
 class PDDriver:
@@ -33,7 +34,8 @@ class PDDriver:
         self.decode = worker_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(decode_address))
         self.prefill = worker_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(prefill_address)) if prefill_address else None
 
-    def run(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams, local_prefill: bool = False) -> DriveResult:
+    def run(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams, local_prefill: bool = False, stream: bool = False) -> DriveResult:
+        """One request through D's Reserve, P's Prefill (``stream``: PrefillStream) and D's Decode."""
         out = DriveResult()
         deadline_ms = int((time.time() + self.timeout_s) * 1000)
         reserved = self.decode.Reserve(
@@ -47,10 +49,7 @@ class PDDriver:
         if local_prefill or self.prefill is None:
             decode_req.local_prefill = True
         else:
-            pre = self.prefill.Prefill(
-                worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, kv_target=reserved.handle, deadline_ms=deadline_ms),
-                metadata=self.md, timeout=self.timeout_s,
-            )
+            pre = self._prefill(request_id, prompt_ids, sampling, reserved.handle, deadline_ms, stream, out)
             if pre.HasField("error"):
                 self.decode.Abort(worker_pb2.AbortRequest(request_id=request_id, reason="prefill failed"), metadata=self.md, timeout=5)
                 out.error = pre.error
@@ -71,6 +70,19 @@ class PDDriver:
                 out.finish_reason = msg.chunk.finish_reason
                 break
         return out
+
+    def _prefill(self, request_id, prompt_ids, sampling, target, deadline_ms, stream: bool, out: DriveResult) -> worker_pb2.PrefillResponse:
+        """P's final answer (KV delivered, or the error); streamed, the first answer is checked too."""
+        req = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, kv_target=target, deadline_ms=deadline_ms)
+        if not stream:
+            return self.prefill.Prefill(req, metadata=self.md, timeout=self.timeout_s)
+        answers = list(self.prefill.PrefillStream(req, metadata=self.md, timeout=self.timeout_s))
+        first, last = answers[0], answers[-1]
+        if first.HasField("result"):
+            out.first_token_before_kv = first.result.kv_pending
+            if len(answers) != 2 or (last.HasField("result") and (last.result.kv_pending or last.result.first_token_id != first.result.first_token_id)):
+                raise RuntimeError(f"PrefillStream answered out of order: {answers}")
+        return last
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,9 +55,14 @@ def request_id_from_metadata(metadata: Iterable[tuple[str, str]] | None) -> str:
     return ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class SequenceTiming:
-    """Where one sequence's time went before its first token (monotonic seconds of the router)."""
+    """Where one sequence's time went before its first token (monotonic seconds of the router).
+
+    In a split the first token streams before the KV transfer ends, so the router fills
+    ``prefill_done`` and ``transfer_ms`` into the same object later (the trace holds it by reference
+    and reads it when the request ends).
+    """
 
     placed: float
     reserved: float

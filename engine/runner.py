@@ -15,6 +15,7 @@ device in one copy from a pinned buffer.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,9 @@ class ModelRunner:
         self.lookahead_counts = {"used": 0, "dropped": 0}  # lookahead steps taken / thrown away
         self._token_host: torch.Tensor | None = None  # pinned landing place of a step's greedy tokens
         self._launched: deque[torch.cuda.Event] | None = deque() if self.device.type == "cuda" else None
+        # Called with each step's batch once its forward is queued, before any of its tokens is read
+        # back: a prefill worker queues the KV sends of prompts this step completes right behind it.
+        self.launched_hook: Callable[[ScheduledBatch], None] | None = None
         if cuda_graphs is None:
             cuda_graphs = self.uses_triton_ops
         if cuda_graphs and not self.uses_triton_ops:
@@ -359,6 +363,8 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.attn)
             sampled = list(inputs.sampled_requests)
             logits = self.model.compute_logits(hidden[inputs.logits_rows]) if sampled else None
+        if self.launched_hook is not None:
+            self.launched_hook(batch)
         if not sampled:
             self._bound_run_ahead()
             return StepOutput({}, {})

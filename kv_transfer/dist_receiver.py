@@ -307,7 +307,12 @@ class _Connection:
             else:
                 self._wait(works, header, ticket.deadline)
                 table.land(ticket)
-        except TransferError as exc:  # every message arrived, but the piece cannot land
+            if header.last:  # the transfer is complete before the sender hears of this piece
+                done = kv_transfer_pb2.TransferDone(
+                    request_id=header.request_id, handle_id=header.handle_id, num_pieces=header.piece_index + 1
+                )
+                table.finish(done, owner=self)
+        except TransferError as exc:  # every message arrived, but the piece cannot land (or complete)
             self._nack(header.handle_id, header.piece_index, exc)
             return
         t2 = time.perf_counter()
@@ -333,6 +338,11 @@ class _Connection:
 
     def _land_as_messages_arrive(self, ticket: PieceTicket, works: list[dist.Work]) -> None:
         """Scatter the layers each message completes while the next ones arrive.
+
+        Each scatter is issued only once the host saw its message complete. (Queuing them all behind
+        their receives in stream order saves ~75 us per 256 MiB piece on an H100 pair, but a sender
+        that dies mid-piece would then let its partial bytes land once the pair is torn down, and a
+        release would wait for the rest of the piece.)
 
         A reservation released mid-piece stops the scatters, but the rest of the messages are still
         received (into staging) so the pair stays in step; the piece is then refused.

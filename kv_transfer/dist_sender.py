@@ -246,5 +246,6 @@ class DistKVSender(KVSender):
     def _header(self, job: Job, message_bytes: int, digest: bytes = b""):
         handle = job.outgoing.handle
         return piece_header(
-            handle, job.dst_block_offset, len(job.src), job.piece_index, message_bytes, self.checksum, digest
-        )
+            handle, job.dst_block_offset, len(job.src), job.piece_index, message_bytes, self.checksum, digest,
+            last=job.last,
+        )  # fmt: skip

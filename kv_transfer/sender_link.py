@@ -155,7 +155,8 @@ class Job:
 
 @dataclass
 class _Owed:
-    """An answer the receiver owes: for a piece, or a done marker.
+    """An answer the receiver owes: for a piece, or a done marker; ``done``: that answer settles the
+    transfer (a done marker, or a piece sent as the last).
 
     A piece's ``works`` and ``views`` (its bytes) are kept until the answer came and its sends are seen
     complete; then its pooled ``staging`` buffer, if any, is free for the next piece.
@@ -240,16 +241,17 @@ class Link:
             return
         deadline = min(outgoing.handle.deadline, time.time() + FRAME_TIMEOUT)
         if job.src:
+            # A last piece completes the transfer on arrival: its answer settles it (no done marker).
             if kv_cache is not None:
                 works, staging, views = sender.post_piece(job, kv_cache, connection, deadline)
-                owed = _Owed(outgoing, False, works, views, staging)
+                owed = _Owed(outgoing, job.last, works, views, staging)
             else:
                 works = sender.post_gathered(job, connection, deadline)
-                owed = _Owed(outgoing, False, works, job.views)
+                owed = _Owed(outgoing, job.last, works, job.views)
             outgoing.pieces_posted += 1
             sender.mark_transferring(outgoing)
             self._owe(owed, active=True)
-        if job.last:
+        elif job.last:  # a bare done marker: every piece went before
             done = kv_transfer_pb2.TransferDone(
                 request_id=outgoing.handle.request_id,
                 handle_id=outgoing.handle.handle_id,

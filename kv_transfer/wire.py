@@ -10,8 +10,11 @@ posts its receives into a staging buffer as soon as the header's framing is sane
 validates the header against the reservation, and answers once per piece: ``Ack`` once the piece
 landed, or ``Nack`` (a refused piece's messages are still received into staging and dropped, so the
 pair stays in step). A header whose framing is not sane is refused and the connection closed, since
-its messages cannot be matched. ``TransferDone`` may follow a piece's messages at once; it gets its
-own ``Ack`` / ``Nack``, after the piece's answer.
+its messages cannot be matched. A piece whose header says ``last`` completes the transfer when it
+lands (the checks of ``TransferDone``), before the receiver answers it, so the transfer is complete on
+the receiver without another message. A transfer whose last call carries no blocks ends with a bare
+``TransferDone`` instead; it may follow a piece's messages at once and gets its own ``Ack`` / ``Nack``,
+after the piece's answer.
 """
 
 from __future__ import annotations
@@ -303,6 +306,7 @@ def piece_header(
     max_message_bytes: int,
     checksum_algorithm: int = Checksum.CHECKSUM_ALGORITHM_NONE,
     digest: bytes = b"",
+    last: bool = False,
 ) -> kv_transfer_pb2.TransferHeader:
     """Describe a piece of ``num_blocks`` blocks from the layout alone (no tensor needed).
 
@@ -326,6 +330,7 @@ def piece_header(
         checksum_algorithm=checksum_algorithm,
         checksum=digest,
         piece_index=piece_index,
+        last=last,
     )
 
 

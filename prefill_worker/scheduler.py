@@ -2,23 +2,29 @@
 
 Each request carries a transfer handle (the decode worker's reserved blocks). After every engine step
 ``PrefillTransfers.after_step`` sends the blocks that became full since the last step, so transfer
-overlaps the next chunk's compute; once the last chunk has run (and sampled the first token) the
-partial tail block and the done marker follow. Blocks stay pinned (request in SENDING_KV) until the
-decode side acknowledged everything, then return to the prefix cache.
+overlaps the next chunk's compute. The step that completes a prompt also samples its first token,
+and reading that token back waits for the whole step; so the rest of the prompt's KV (tail block and
+done marker included) is sent from ``on_launched`` as soon as that step is queued, and its host-side
+cost (header, the receiver posting its receives) hides behind the step's compute. Blocks stay pinned
+(request in SENDING_KV) until the decode side acknowledged everything, then return to the prefix cache.
 
 Runs on the engine loop thread only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.engine import LLMEngine
 from engine.metrics import KVTransferMetrics
 from engine.request import Request, RequestStatus
+from engine.scheduler import ScheduledBatch
 from kv_transfer import diag
 from kv_transfer.base import KVSender, TransferHandle, TransferState
 
@@ -52,10 +58,14 @@ class _Job:
     req: Request
     handle: TransferHandle
     deadline: float  # time.time() based
+    # Settled once the first token is sampled (its outcome, transfer not known yet), or with the
+    # job's failure if it ends before that. ``result`` settles only once the decode side holds the KV.
+    first: Future = field(default_factory=Future)
     result: Future = field(default_factory=Future)
     sent_upto: int = 0  # prompt blocks [0, sent_upto) are sent (or cached on the decode side)
     last_sent: bool = False
     blocks_sent: int = 0
+    send_error: Exception | None = None  # a send from on_launched failed; after_step ends the job
     # time.monotonic() marks, for the request's trace and the transfer-time histogram.
     admitted: float = field(default_factory=time.monotonic)
     first_send: float | None = None
@@ -67,14 +77,17 @@ class PrefillTransfers:
         self.engine = engine
         self.sender = sender
         self.kv_cache = kv_cache
+        # The early sends' gathers run here, after the step's forward, beside its sampling kernels.
+        self._side = torch.cuda.Stream(kv_cache.device) if kv_cache.device.type == "cuda" else None
         self.metrics = metrics if metrics is not None else KVTransferMetrics()
         self.jobs: dict[str, _Job] = {}
         self._last_after_step = time.perf_counter()
 
-    def add(self, req: Request, handle: TransferHandle, deadline: float) -> Future:
+    def add(self, req: Request, handle: TransferHandle, deadline: float) -> tuple[Future, Future]:
+        """Track ``req``'s transfer; ``(first token, KV delivered)`` futures of ``PrefillOutcome``."""
         job = _Job(req, handle, deadline, sent_upto=handle.first_block_index)
         self.jobs[req.request_id] = job
-        return job.result
+        return job.first, job.result
 
     def cancel(self, request_id: str, reason: str) -> bool:
         job = self.jobs.pop(request_id, None)
@@ -82,6 +95,31 @@ class PrefillTransfers:
             return False
         self._end(job, PrefillFailed("ABORTED", reason, retryable=False))
         return True
+
+    def on_launched(self, batch: ScheduledBatch) -> None:
+        """The engine queued ``batch``'s forward: send the rest of every prompt it completes.
+
+        Runs inside the engine step, so it never ends a job (that would abort a request mid-step): a
+        failed send is kept on the job and ``after_step`` ends it.
+        """
+        completing = []
+        for s in batch.requests:
+            job = self.jobs.get(s.request.request_id)
+            req = s.request
+            if job is not None and not job.last_sent and req.num_computed_tokens + s.num_new_tokens >= req.num_prompt_tokens:
+                completing.append(job)
+        if not completing:
+            return
+        stream = self._side
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # gathers after the forward
+        # Outside inference mode, as after_step's sends: staging buffers made here are reused there.
+        with torch.inference_mode(False), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for job in completing:
+                try:
+                    self._send(job, -(-job.req.num_prompt_tokens // self.engine.kv.block_size), last=True)
+                except Exception as e:  # noqa: BLE001  (ended by after_step, with its message)
+                    job.send_error = e
 
     def after_step(self) -> bool:
         now = time.time()
@@ -112,14 +150,11 @@ class PrefillTransfers:
         upto = n_prompt_blocks if prompt_done else min(req.num_computed_tokens, req.num_prompt_tokens) // bs
         if prompt_done and job.prompt_done is None:
             job.prompt_done = time.monotonic()
+            job.first.set_result(self._outcome(job, job.prompt_done, transfer_s=0.0))
+        if job.send_error is not None:
+            raise job.send_error
         if not job.last_sent and (upto > job.sent_upto or prompt_done):
-            src = req.block_ids[job.sent_upto : upto]
-            if job.first_send is None:
-                job.first_send = time.monotonic()
-            self.sender.send(job.handle, src, self.kv_cache, dst_block_offset=job.sent_upto - job.handle.first_block_index, last=prompt_done)
-            job.blocks_sent += len(src)
-            job.sent_upto = max(upto, job.sent_upto)
-            job.last_sent = prompt_done
+            self._send(job, upto, last=prompt_done)
         if job.last_sent:
             state = self.sender.poll(job.handle)
             if state == TransferState.SUCCESS:
@@ -135,6 +170,16 @@ class PrefillTransfers:
             self.jobs.pop(req.request_id, None)
             self._end(job, PrefillFailed("DEADLINE_EXCEEDED", "prefill deadline passed", retryable=True))
 
+    def _send(self, job: _Job, upto: int, last: bool) -> None:
+        """Send prompt blocks ``[job.sent_upto, upto)`` (``last``: and the done marker)."""
+        src = job.req.block_ids[job.sent_upto : upto]
+        if job.first_send is None:
+            job.first_send = time.monotonic()
+        job.last_sent = last  # even if the send fails: nothing more is sent for this job
+        self.sender.send(job.handle, src, self.kv_cache, dst_block_offset=job.sent_upto - job.handle.first_block_index, last=last)
+        job.blocks_sent += len(src)
+        job.sent_upto = max(upto, job.sent_upto)
+
     def _end(self, job: _Job, failure: PrefillFailed | None) -> None:
         req = job.req
         self.sender.release(job.handle)
@@ -142,23 +187,30 @@ class PrefillTransfers:
         transfer_s = now - job.first_send if job.first_send is not None else 0.0
         if failure is None:
             self.metrics.on_success(transfer_s, job.blocks_sent * job.handle.layout.block_bytes)
-            outcome = PrefillOutcome(
-                first_token_id=req.output_token_ids[0],
-                first_logprob=req.output_logprobs[0] if req.output_logprobs else None,
-                num_prompt_tokens=req.num_prompt_tokens,
-                num_cached_tokens=req.num_cached_tokens,
-                num_transferred_blocks=job.blocks_sent,
-                prefill_ms=((job.prompt_done or now) - job.admitted) * 1000,
-                transfer_ms=transfer_s * 1000,
-            )
+            outcome = self._outcome(job, now, transfer_s)
         elif failure.code == "TRANSFER_FAILED" or (failure.code == "DEADLINE_EXCEEDED" and job.first_send is not None):
             self.metrics.on_failure()  # an abort, or a deadline before any KV moved, is no transfer failure
         if req.status == RequestStatus.SENDING_KV:
             self.engine.release(req)  # blocks back to the prefix cache
         else:
             self.engine.abort(req.request_id)
-        if not job.result.done():
+        for future in (job.first, job.result):
+            if future.done():
+                continue
             if failure is None:
-                job.result.set_result(outcome)
+                future.set_result(outcome)
             else:
-                job.result.set_exception(failure)
+                future.set_exception(failure)
+
+    @staticmethod
+    def _outcome(job: _Job, now: float, transfer_s: float) -> PrefillOutcome:
+        req = job.req
+        return PrefillOutcome(
+            first_token_id=req.output_token_ids[0],
+            first_logprob=req.output_logprobs[0] if req.output_logprobs else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_transferred_blocks=job.blocks_sent,
+            prefill_ms=((job.prompt_done or now) - job.admitted) * 1000,
+            transfer_ms=transfer_s * 1000,
+        )

@@ -45,36 +45,43 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.address = address
 
     def Prefill(self, request, context):
-        w = self.worker
         try:
-            if request.kv_target.model_fingerprint and request.kv_target.model_fingerprint != w.fingerprint:
-                raise PrefillFailed("FINGERPRINT_MISMATCH", "decode worker serves a different model/layout", retryable=False)
-            prompt = check_token_ids(request.prompt_token_ids, w.vocab_size, "prompt_token_ids")
-            sampling = sampling_from_proto(request.sampling, w.engine.max_model_len, w.vocab_size)
-            handle = handle_from_kv_target(request.kv_target, request.request_id)
-            deadline = request.deadline_ms / 1000 if request.deadline_ms else None
-            context.add_callback(lambda: None if context.is_active() else w.abort(request.request_id, "client went away"))
-            out = w.prefill(request.request_id, prompt, sampling, handle, deadline)
+            *_, out = self._run(request, context)
         except Exception as e:
             return worker_pb2.PrefillResponse(error=_error(e))
+        self._log(request, context, out)
+        return worker_pb2.PrefillResponse(result=_result(out, kv_pending=False))
+
+    def PrefillStream(self, request, context):
+        pending = True
+        try:
+            for out in self._run(request, context):
+                yield worker_pb2.PrefillResponse(result=_result(out, kv_pending=pending))
+                pending = False
+        except Exception as e:
+            yield worker_pb2.PrefillResponse(error=_error(e))
+            return
+        self._log(request, context, out)
+
+    def _run(self, request, context):
+        """The worker's two outcomes for ``request`` (first token, then KV delivered)."""
+        w = self.worker
+        if request.kv_target.model_fingerprint and request.kv_target.model_fingerprint != w.fingerprint:
+            raise PrefillFailed("FINGERPRINT_MISMATCH", "decode worker serves a different model/layout", retryable=False)
+        prompt = check_token_ids(request.prompt_token_ids, w.vocab_size, "prompt_token_ids")
+        sampling = sampling_from_proto(request.sampling, w.engine.max_model_len, w.vocab_size)
+        handle = handle_from_kv_target(request.kv_target, request.request_id)
+        deadline = request.deadline_ms / 1000 if request.deadline_ms else None
+        context.add_callback(lambda: None if context.is_active() else w.abort(request.request_id, "client went away"))
+        return w.prefill_stream(request.request_id, prompt, sampling, handle, deadline)
+
+    @staticmethod
+    def _log(request, context, out) -> None:
         log.info(
             "prefill %s (request %s): prompt_tokens=%d cached_tokens=%d blocks_sent=%d prefill_ms=%.1f transfer_ms=%.1f D=%s",
             request.request_id, request_id_from_metadata(context.invocation_metadata()) or "-", out.num_prompt_tokens,
             out.num_cached_tokens, out.num_transferred_blocks, out.prefill_ms, out.transfer_ms, request.kv_target.decode_worker_id,
         )  # fmt: skip
-        result = worker_pb2.PrefillResult(
-            first_token_id=out.first_token_id,
-            num_prompt_tokens=out.num_prompt_tokens,
-            num_cached_tokens=out.num_cached_tokens,
-            num_transferred_blocks=out.num_transferred_blocks,
-            prefill_ms=out.prefill_ms,
-            transfer_ms=out.transfer_ms,
-        )
-        first, top = logprob_to_proto(out.first_token_id, out.first_logprob)
-        if first is not None:
-            result.first_token_logprob.CopyFrom(first)
-            result.first_token_top_logprobs.CopyFrom(top)
-        return worker_pb2.PrefillResponse(result=result)
 
     def Abort(self, request, context):
         return worker_pb2.AbortResponse(found=self.worker.abort(request.request_id, request.reason or "aborted"))
@@ -87,6 +94,23 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     def GetKVEvents(self, request, context):
         return kv_events_response(self.worker, request.after_sequence)
+
+
+def _result(out, kv_pending: bool) -> worker_pb2.PrefillResult:
+    result = worker_pb2.PrefillResult(
+        first_token_id=out.first_token_id,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+        num_transferred_blocks=0 if kv_pending else out.num_transferred_blocks,
+        prefill_ms=out.prefill_ms,
+        transfer_ms=0.0 if kv_pending else out.transfer_ms,
+        kv_pending=kv_pending,
+    )
+    first, top = logprob_to_proto(out.first_token_id, out.first_logprob)
+    if first is not None:
+        result.first_token_logprob.CopyFrom(first)
+        result.first_token_top_logprobs.CopyFrom(top)
+    return result
 
 
 def serve(worker: PrefillWorker, host: str, port: int, secret: str, max_threads: int = 64) -> tuple[grpc.Server, str]:

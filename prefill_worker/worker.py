@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
 
 from engine.builder import load_worker_engine
 from engine.host import EngineHost
@@ -50,6 +52,7 @@ class PrefillWorker:
         self.transfers = PrefillTransfers(self.engine, self.sender, self.kv_cache, transfer_metrics)
         self.host = EngineHost(self.engine, name=self.worker_id, kv_transfer=transfer_metrics)
         self.host.after_step = self.transfers.after_step
+        self.engine.runner.launched_hook = self.transfers.on_launched
         self.draining = False
         self.host.start()
 
@@ -64,6 +67,24 @@ class PrefillWorker:
     def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, handle: TransferHandle, deadline: float | None = None) -> PrefillOutcome:
         """Run the prompt, ship its KV into ``handle``'s blocks, return the first token. Blocks until
         the decode side acknowledged every block, or raises ``PrefillFailed``."""
+        *_, delivered = self.prefill_stream(request_id, prompt_ids, sampling, handle, deadline)
+        return delivered
+
+    def prefill_stream(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, handle: TransferHandle, deadline: float | None = None) -> Iterator[PrefillOutcome]:
+        """``prefill`` answered twice: the outcome once the first token is sampled (KV still in
+        flight), then once the decode side acknowledged every block. Raises ``PrefillFailed`` in place
+        of either; the request is aborted if the caller stops iterating early."""
+        first, delivered, deadline = self._admit(request_id, prompt_ids, sampling, handle, deadline)
+        finished = False
+        try:
+            yield self._wait(request_id, first, deadline)
+            yield self._wait(request_id, delivered, deadline)
+            finished = True
+        finally:
+            if not finished:
+                self.abort(request_id, "caller went away")
+
+    def _admit(self, request_id, prompt_ids, sampling, handle, deadline) -> tuple[Future, Future, float]:
         if self.draining:
             raise PrefillFailed("UNAVAILABLE", "worker is draining", retryable=True)
         if handle.layout != self.layout:
@@ -80,11 +101,14 @@ class PrefillWorker:
             return self.transfers.add(req, handle, deadline)
 
         try:
-            result = self.host.loop.call(admit)
+            first, delivered = self.host.loop.call(admit)
         except ValueError as e:
             raise PrefillFailed("INVALID_ARGUMENT", str(e), retryable=False) from e
+        return first, delivered, deadline
+
+    def _wait(self, request_id: str, future: Future, deadline: float) -> PrefillOutcome:
         try:
-            return result.result(timeout=max(0.0, deadline - time.time()) + 5.0)
+            return future.result(timeout=max(0.0, deadline - time.time()) + 5.0)
         except TimeoutError:
             self.abort(request_id, "deadline")
             raise PrefillFailed("DEADLINE_EXCEEDED", "prefill did not finish before its deadline", retryable=True) from None

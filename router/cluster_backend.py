@@ -3,7 +3,8 @@
 Per sequence (one choice):
 1. ``place()`` picks decode worker D and maybe prefill worker P (policy + placement store);
 2. ``DecodeService.Reserve`` on D -> KVTarget (D's blocks for the prompt);
-3. split: ``PrefillService.Prefill(prompt, kv_target)`` on P -> first token (yielded at once), then
+3. split: ``PrefillService.PrefillStream(prompt, kv_target)`` on P -> the first token, yielded as soon
+   as P sampled it (its KV still in flight), then P's word that every KV block landed on D, then
    ``DecodeService.Decode(first token)``; local: ``Decode(local_prefill=True)``;
 4. the Decode stream's chunks become ``TokenEvent``s until one carries a finish reason.
 
@@ -293,29 +294,30 @@ class ClusterBackend:
         )
         if prefill is not None:
             active.prefill_address = prefill.address
-            first = await self._prefill(
-                request, prefill, worker_request_id, sampling, reserved.handle, metadata
-            )
-            timing = replace(
-                timing,
-                prefill_done=time.monotonic(),
-                prefill_ms=first.prefill_ms,
-                transfer_ms=first.transfer_ms,
-            )
-            decode_req.first_token_id = first.first_token_id
-            if first.HasField("first_token_logprob"):
-                decode_req.first_token_logprob.CopyFrom(first.first_token_logprob)
-            if first.HasField("first_token_top_logprobs"):
-                decode_req.first_token_top_logprobs.CopyFrom(first.first_token_top_logprobs)
+            answers = self._prefill(request, prefill, worker_request_id, sampling, reserved.handle, metadata)
+            try:
+                first = await anext(answers)  # the first token; its KV may still be in flight
+                timing.prefill_ms = first.prefill_ms
+                decode_req.first_token_id = first.first_token_id
+                if first.HasField("first_token_logprob"):
+                    decode_req.first_token_logprob.CopyFrom(first.first_token_logprob)
+                if first.HasField("first_token_top_logprobs"):
+                    decode_req.first_token_top_logprobs.CopyFrom(first.first_token_top_logprobs)
+                state.route_sent = True
+                yield TokenEvent(
+                    token_ids=(first.first_token_id,),
+                    logprobs=_first_logprobs(first),
+                    num_cached_tokens=first.num_cached_tokens,
+                    route=route,
+                    timing=timing,
+                )
+                # A failure from here on is retried like any other: the token above is kept and the
+                # next placement resumes from prompt + it (see generate()).
+                delivered = await anext(answers)  # every KV block landed on D
+            finally:
+                await answers.aclose()
+            timing.prefill_done, timing.transfer_ms = time.monotonic(), delivered.transfer_ms
             active.prefill_address = None  # P is done with it
-            state.route_sent = True
-            yield TokenEvent(
-                token_ids=(first.first_token_id,),
-                logprobs=_first_logprobs(first),
-                num_cached_tokens=first.num_cached_tokens,
-                route=route,
-                timing=timing,
-            )
 
         call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s, metadata=metadata)
         try:
@@ -350,7 +352,8 @@ class ClusterBackend:
         sampling: common_pb2.SamplingParams,
         target: worker_pb2.KVTarget,
         metadata: tuple[tuple[str, str], ...],
-    ) -> worker_pb2.PrefillResult:
+    ) -> AsyncIterator[worker_pb2.PrefillResult]:
+        """P's two answers: the first token (KV pending), then KV delivered; a failure raises instead."""
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
         req = worker_pb2.PrefillRequest(
             request_id=worker_request_id,
@@ -359,22 +362,31 @@ class ClusterBackend:
             kv_target=target,
             deadline_ms=_deadline_ms(self.config.prefill_timeout_s),
         )
+        call = stub.PrefillStream(req, timeout=self.config.prefill_timeout_s, metadata=metadata)
         try:
-            response = await stub.Prefill(req, timeout=self.config.prefill_timeout_s, metadata=metadata)
-        except grpc.aio.AioRpcError as err:
-            raise _from_rpc(err, prefill.worker_id, "Prefill") from None
-        if response.WhichOneof("outcome") != "result":
-            raise _from_error(response.error, prefill.worker_id, "Prefill")
-        result = response.result
-        vocab = self.config.vocab_size
-        if result.first_token_id < 0 or (vocab is not None and result.first_token_id >= vocab):
-            raise WorkerFailure(
-                BackendErrorKind.INTERNAL,
-                f"prefill worker {prefill.worker_id} returned token id {result.first_token_id}",
-                prefill.worker_id,
-                False,
-            )
-        return result
+            for pending in (True, False):
+                response = await _next_answer(call, prefill.worker_id)
+                if response.WhichOneof("outcome") != "result":
+                    raise _from_error(response.error, prefill.worker_id, "Prefill")
+                result = response.result
+                if result.kv_pending != pending:
+                    raise WorkerFailure(
+                        BackendErrorKind.INTERNAL,
+                        f"prefill worker {prefill.worker_id} answered out of order (kv_pending={result.kv_pending})",
+                        prefill.worker_id,
+                        False,
+                    )
+                vocab = self.config.vocab_size
+                if result.first_token_id < 0 or (vocab is not None and result.first_token_id >= vocab):
+                    raise WorkerFailure(
+                        BackendErrorKind.INTERNAL,
+                        f"prefill worker {prefill.worker_id} returned token id {result.first_token_id}",
+                        prefill.worker_id,
+                        False,
+                    )
+                yield result
+        finally:
+            call.cancel()
 
     # -- abort --------------------------------------------------------------------------------
 
@@ -396,6 +408,18 @@ class ClusterBackend:
                 )
             except grpc.aio.AioRpcError as err:
                 log.warning("Abort of %s on %s failed: %s", request_id, address, err.code().name)
+
+
+async def _next_answer(call, worker_id: str) -> worker_pb2.PrefillResponse:
+    try:
+        response = await call.read()
+    except grpc.aio.AioRpcError as err:
+        raise _from_rpc(err, worker_id, "Prefill") from None
+    if response is grpc.aio.EOF:
+        raise WorkerFailure(
+            BackendErrorKind.UNAVAILABLE, f"prefill worker {worker_id} ended its answer early", worker_id, True
+        )
+    return response
 
 
 def _first_logprobs(result: worker_pb2.PrefillResult):

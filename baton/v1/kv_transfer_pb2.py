@@ -16,15 +16,15 @@ _sym_db = _symbol_database.Default()
 from baton.v1 import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ton/v1/kv_transfer.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"J\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63lient_nonce\x18\x03 \x01(\x0c\"d\n\tChallenge\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0breceiver_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_nonce\x18\x03 \x01(\x0c\x12\x12\n\nserver_mac\x18\x04 \x01(\x0c\"\"\n\x0c\x41uthResponse\x12\x12\n\nclient_mac\x18\x01 \x01(\x0c\"8\n\nAuthResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x1e\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.Error\"#\n\x10PairSetupRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\"\x80\x01\n\x11PairSetupResponse\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x14\n\x0cgroup_prefix\x18\x02 \x01(\t\x12\x13\n\x0bsender_rank\x18\x03 \x01(\x05\x12\x15\n\rreceiver_rank\x18\x04 \x01(\x05\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\"\xba\x02\n\x0eTransferHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\thandle_id\x18\x02 \x01(\t\x12\x18\n\x10\x64st_block_offset\x18\x03 \x01(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x03\x12\x15\n\rmessage_bytes\x18\t \x01(\x03\x12\x14\n\x0cnum_messages\x18\n \x01(\x05\x12\x37\n\x12\x63hecksum_algorithm\x18\x0b \x01(\x0e\x32\x1b.baton.v1.ChecksumAlgorithm\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\x0c\x12\x13\n\x0bpiece_index\x18\r \x01(\x04\"I\n\x0cTransferDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\thandle_id\x18\x02 \x01(\t\x12\x12\n\nnum_pieces\x18\x03 \x01(\x05\"-\n\x03\x41\x63k\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x13\n\x0bpiece_index\x18\x02 \x01(\x04\"N\n\x04Nack\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x13\n\x0bpiece_index\x18\x02 \x01(\x04\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.baton.v1.Error\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x82\x04\n\x0e\x43ontrolMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.baton.v1.HelloH\x00\x12(\n\tchallenge\x18\x02 \x01(\x0b\x32\x13.baton.v1.ChallengeH\x00\x12/\n\rauth_response\x18\x03 \x01(\x0b\x32\x16.baton.v1.AuthResponseH\x00\x12+\n\x0b\x61uth_result\x18\x04 \x01(\x0b\x32\x14.baton.v1.AuthResultH\x00\x12\x38\n\x12pair_setup_request\x18\x05 \x01(\x0b\x32\x1a.baton.v1.PairSetupRequestH\x00\x12:\n\x13pair_setup_response\x18\x06 \x01(\x0b\x32\x1b.baton.v1.PairSetupResponseH\x00\x12\x33\n\x0ftransfer_header\x18\x07 \x01(\x0b\x32\x18.baton.v1.TransferHeaderH\x00\x12/\n\rtransfer_done\x18\x08 \x01(\x0b\x32\x16.baton.v1.TransferDoneH\x00\x12\x1c\n\x03\x61\x63k\x18\t \x01(\x0b\x32\r.baton.v1.AckH\x00\x12\x1e\n\x04nack\x18\n \x01(\x0b\x32\x0e.baton.v1.NackH\x00\x12$\n\x07goodbye\x18\x0b \x01(\x0b\x32\x11.baton.v1.GoodbyeH\x00\x42\x06\n\x04kind*m\n\x11\x43hecksumAlgorithm\x12\x1b\n\x17\x43HECKSUM_ALGORITHM_NONE\x10\x00\x12\x1c\n\x18\x43HECKSUM_ALGORITHM_CRC32\x10\x01\x12\x1d\n\x19\x43HECKSUM_ALGORITHM_SHA256\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ton/v1/kv_transfer.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"J\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63lient_nonce\x18\x03 \x01(\x0c\"d\n\tChallenge\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0breceiver_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_nonce\x18\x03 \x01(\x0c\x12\x12\n\nserver_mac\x18\x04 \x01(\x0c\"\"\n\x0c\x41uthResponse\x12\x12\n\nclient_mac\x18\x01 \x01(\x0c\"8\n\nAuthResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x1e\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.Error\"#\n\x10PairSetupRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\"\x80\x01\n\x11PairSetupResponse\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x14\n\x0cgroup_prefix\x18\x02 \x01(\t\x12\x13\n\x0bsender_rank\x18\x03 \x01(\x05\x12\x15\n\rreceiver_rank\x18\x04 \x01(\x05\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\"\xc8\x02\n\x0eTransferHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\thandle_id\x18\x02 \x01(\t\x12\x18\n\x10\x64st_block_offset\x18\x03 \x01(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x03\x12\x15\n\rmessage_bytes\x18\t \x01(\x03\x12\x14\n\x0cnum_messages\x18\n \x01(\x05\x12\x37\n\x12\x63hecksum_algorithm\x18\x0b \x01(\x0e\x32\x1b.baton.v1.ChecksumAlgorithm\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\x0c\x12\x13\n\x0bpiece_index\x18\r \x01(\x04\x12\x0c\n\x04last\x18\x0e \x01(\x08\"I\n\x0cTransferDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\thandle_id\x18\x02 \x01(\t\x12\x12\n\nnum_pieces\x18\x03 \x01(\x05\"-\n\x03\x41\x63k\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x13\n\x0bpiece_index\x18\x02 \x01(\x04\"N\n\x04Nack\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x13\n\x0bpiece_index\x18\x02 \x01(\x04\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.baton.v1.Error\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x82\x04\n\x0e\x43ontrolMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.baton.v1.HelloH\x00\x12(\n\tchallenge\x18\x02 \x01(\x0b\x32\x13.baton.v1.ChallengeH\x00\x12/\n\rauth_response\x18\x03 \x01(\x0b\x32\x16.baton.v1.AuthResponseH\x00\x12+\n\x0b\x61uth_result\x18\x04 \x01(\x0b\x32\x14.baton.v1.AuthResultH\x00\x12\x38\n\x12pair_setup_request\x18\x05 \x01(\x0b\x32\x1a.baton.v1.PairSetupRequestH\x00\x12:\n\x13pair_setup_response\x18\x06 \x01(\x0b\x32\x1b.baton.v1.PairSetupResponseH\x00\x12\x33\n\x0ftransfer_header\x18\x07 \x01(\x0b\x32\x18.baton.v1.TransferHeaderH\x00\x12/\n\rtransfer_done\x18\x08 \x01(\x0b\x32\x16.baton.v1.TransferDoneH\x00\x12\x1c\n\x03\x61\x63k\x18\t \x01(\x0b\x32\r.baton.v1.AckH\x00\x12\x1e\n\x04nack\x18\n \x01(\x0b\x32\x0e.baton.v1.NackH\x00\x12$\n\x07goodbye\x18\x0b \x01(\x0b\x32\x11.baton.v1.GoodbyeH\x00\x42\x06\n\x04kind*m\n\x11\x43hecksumAlgorithm\x12\x1b\n\x17\x43HECKSUM_ALGORITHM_NONE\x10\x00\x12\x1c\n\x18\x43HECKSUM_ALGORITHM_CRC32\x10\x01\x12\x1d\n\x19\x43HECKSUM_ALGORITHM_SHA256\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKSUMALGORITHM']._serialized_start=1566
-  _globals['_CHECKSUMALGORITHM']._serialized_end=1675
+  _globals['_CHECKSUMALGORITHM']._serialized_start=1580
+  _globals['_CHECKSUMALGORITHM']._serialized_end=1689
   _globals['_HELLO']._serialized_start=63
   _globals['_HELLO']._serialized_end=137
   _globals['_CHALLENGE']._serialized_start=139
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAIRSETUPRESPONSE']._serialized_start=373
   _globals['_PAIRSETUPRESPONSE']._serialized_end=501
   _globals['_TRANSFERHEADER']._serialized_start=504
-  _globals['_TRANSFERHEADER']._serialized_end=818
-  _globals['_TRANSFERDONE']._serialized_start=820
-  _globals['_TRANSFERDONE']._serialized_end=893
-  _globals['_ACK']._serialized_start=895
-  _globals['_ACK']._serialized_end=940
-  _globals['_NACK']._serialized_start=942
-  _globals['_NACK']._serialized_end=1020
-  _globals['_GOODBYE']._serialized_start=1022
-  _globals['_GOODBYE']._serialized_end=1047
-  _globals['_CONTROLMESSAGE']._serialized_start=1050
-  _globals['_CONTROLMESSAGE']._serialized_end=1564
+  _globals['_TRANSFERHEADER']._serialized_end=832
+  _globals['_TRANSFERDONE']._serialized_start=834
+  _globals['_TRANSFERDONE']._serialized_end=907
+  _globals['_ACK']._serialized_start=909
+  _globals['_ACK']._serialized_end=954
+  _globals['_NACK']._serialized_start=956
+  _globals['_NACK']._serialized_end=1034
+  _globals['_GOODBYE']._serialized_start=1036
+  _globals['_GOODBYE']._serialized_end=1061
+  _globals['_CONTROLMESSAGE']._serialized_start=1064
+  _globals['_CONTROLMESSAGE']._serialized_end=1578
 # @@protoc_insertion_point(module_scope)

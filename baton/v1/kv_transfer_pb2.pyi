@@ -74,7 +74,7 @@ class PairSetupResponse(_message.Message):
     def __init__(self, store_address: _Optional[str] = ..., group_prefix: _Optional[str] = ..., sender_rank: _Optional[int] = ..., receiver_rank: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class TransferHeader(_message.Message):
-    __slots__ = ("request_id", "handle_id", "dst_block_offset", "block_ids", "num_layers", "dtype", "shape", "payload_bytes", "message_bytes", "num_messages", "checksum_algorithm", "checksum", "piece_index")
+    __slots__ = ("request_id", "handle_id", "dst_block_offset", "block_ids", "num_layers", "dtype", "shape", "payload_bytes", "message_bytes", "num_messages", "checksum_algorithm", "checksum", "piece_index", "last")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCK_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class TransferHeader(_message.Message):
     CHECKSUM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PIECE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     handle_id: str
     dst_block_offset: int
@@ -101,7 +102,8 @@ class TransferHeader(_message.Message):
     checksum_algorithm: ChecksumAlgorithm
     checksum: bytes
     piece_index: int
-    def __init__(self, request_id: _Optional[str] = ..., handle_id: _Optional[str] = ..., dst_block_offset: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., message_bytes: _Optional[int] = ..., num_messages: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ..., checksum: _Optional[bytes] = ..., piece_index: _Optional[int] = ...) -> None: ...
+    last: bool
+    def __init__(self, request_id: _Optional[str] = ..., handle_id: _Optional[str] = ..., dst_block_offset: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., message_bytes: _Optional[int] = ..., num_messages: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ..., checksum: _Optional[bytes] = ..., piece_index: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class TransferDone(_message.Message):
     __slots__ = ("request_id", "handle_id", "num_pieces")

@@ -23,6 +23,11 @@ class PrefillServiceStub:
                 request_serializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.PrefillStream = channel.unary_stream(
+                '/baton.v1.PrefillService/PrefillStream',
+                request_serializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.PrefillService/Abort',
                 request_serializer=baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -51,6 +56,16 @@ class PrefillServiceServicer:
     def Prefill(self, request, context):
         """Runs the prompt, pushes its KV to kv_target, and samples the first token.
         Returns once every KV block was acknowledged by the decode worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefillStream(self, request, context):
+        """The same work, answered twice so the first token need not wait for the KV transfer: first the
+        result with the first token and kv_pending = true, as soon as it is sampled; then, once every
+        KV block was acknowledged, the result again with kv_pending = false and the transfer's figures.
+        An error can take the place of either message; one after the first means the KV never arrived.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +101,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'PrefillStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillStream,
                     request_deserializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
             ),
@@ -135,6 +155,33 @@ class PrefillService:
             request,
             target,
             '/baton.v1.PrefillService/Prefill',
+            baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+            baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.PrefillService/PrefillStream',
             baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
             baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
             options,

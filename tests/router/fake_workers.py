@@ -92,6 +92,7 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
     worker_id: str
     address: str = ""  # set by WorkerServer
     error: int | None = None  # an ErrorCode to fail Prefill with
+    error_after_first: int | None = None  # PrefillStream: fail with this ErrorCode after the first token
     prefills: list[worker_pb2.PrefillRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
 
@@ -101,15 +102,32 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
             return worker_pb2.PrefillResponse(
                 error=common_pb2.Error(code=self.error, message="transfer broke")
             )
+        return worker_pb2.PrefillResponse(result=self._result(request, kv_pending=False))
+
+    async def PrefillStream(self, request, context):
+        self.prefills.append(request)
+        if self.error is not None:
+            yield worker_pb2.PrefillResponse(error=common_pb2.Error(code=self.error, message="transfer broke"))
+            return
+        yield worker_pb2.PrefillResponse(result=self._result(request, kv_pending=True))
+        if self.error_after_first is not None:
+            error = common_pb2.Error(code=self.error_after_first, message="transfer broke", retryable=True)
+            yield worker_pb2.PrefillResponse(error=error)
+            return
+        yield worker_pb2.PrefillResponse(result=self._result(request, kv_pending=False))
+
+    @staticmethod
+    def _result(request, kv_pending: bool) -> worker_pb2.PrefillResult:
         result = worker_pb2.PrefillResult(
             first_token_id=TOKEN_BASE,
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=16,
-            num_transferred_blocks=len(request.kv_target.block_ids),
+            num_transferred_blocks=0 if kv_pending else len(request.kv_target.block_ids),
+            kv_pending=kv_pending,
         )
         if request.sampling.logprobs:
             result.first_token_logprob.CopyFrom(common_pb2.TokenLogprob(token_id=TOKEN_BASE, logprob=-0.25))
-        return worker_pb2.PrefillResponse(result=result)
+        return result
 
     async def Abort(self, request, context):
         self.aborted.append(request.request_id)

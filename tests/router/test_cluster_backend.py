@@ -112,6 +112,34 @@ async def test_prefill_failure_frees_the_reservation_and_uses_another_prefill_wo
     assert len(cluster.workers["d0"].decodes) == 1 and cluster.workers["d0"].decodes[0].request_id == "r1#1"
 
 
+async def test_first_token_streams_before_the_kv_lands_and_a_later_transfer_failure_resumes(
+    cluster: Cluster,
+) -> None:
+    # P answers the first token, then reports that its KV never arrived: the token already streamed is
+    # kept, and D resumes from prompt + that token with a local prefill (no gap, no duplicate).
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0", error_after_first=common_pb2.ERROR_CODE_TRANSFER_FAILED))
+    events = await collect(backend(cluster), req(max_tokens=6))
+    tokens = [t for ev in events for t in ev.token_ids]
+    assert tokens == [TOKEN_BASE + i for i in range(6)]
+    assert events[0].route.prefill_worker == "p0" and events[0].timing.transfer_ms is None
+    resumed = cluster.workers["d0"].reservations["r1#1"]
+    assert list(resumed.output_token_ids) == [TOKEN_BASE]
+    decodes = cluster.workers["d0"].decodes
+    assert [d.request_id for d in decodes] == ["r1#1"] and decodes[0].local_prefill
+    assert cluster.workers["d0"].aborted == ["r1"]  # the first attempt's reservation
+
+
+async def test_split_trace_gets_the_transfer_time_after_the_first_token(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0"))
+    events = await collect(backend(cluster), req(max_tokens=3))
+    timing = events[0].timing
+    assert events[0].token_ids == (TOKEN_BASE,)
+    assert timing.prefill_done is not None and timing.transfer_ms == 0.0
+    assert len(cluster.workers["d0"].decodes) == 1 and cluster.workers["d0"].decodes[0].first_token_id == TOKEN_BASE
+
+
 async def test_decode_worker_dying_mid_stream_resumes_elsewhere(cluster: Cluster) -> None:
     await cluster.add(FakeDecode("d0", die_after_chunks=2))
     await cluster.add(FakeDecode("d1"))

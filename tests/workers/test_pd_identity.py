@@ -51,6 +51,10 @@ def test_disaggregated_matches_aggregated(pair):
             assert warm.num_cached_tokens_prefill > 0 or warm.num_transferred_blocks < cold.num_transferred_blocks
         local = drv.run(f"{model}-local-{i}", prompt, sp_proto, local_prefill=True)
         assert local.error is None and local.token_ids == ref[i]
+        # The first token answered before the KV landed (PrefillStream), then decoded as usual.
+        streamed = drv.run(f"{model}-stream-{i}", prompt, sp_proto, stream=True)
+        assert streamed.error is None and streamed.token_ids == ref[i]
+        assert streamed.first_token_before_kv
     p.wait_idle_and_clean()
     d.wait_idle_and_clean()
 
