@@ -22,6 +22,7 @@ strings) aborts the sequence on the workers that may hold it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -366,6 +367,11 @@ class ClusterBackend:
         try:
             for pending in (True, False):
                 response = await _next_answer(call, prefill.worker_id)
+                if not pending or response.WhichOneof("outcome") != "result":
+                    # P ends the call right after its last answer (or an error): read that end, so
+                    # the call completes rather than being cancelled with operations pending.
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await call.read()
                 if response.WhichOneof("outcome") != "result":
                     raise _from_error(response.error, prefill.worker_id, "Prefill")
                 result = response.result
@@ -386,7 +392,8 @@ class ClusterBackend:
                     )
                 yield result
         finally:
-            call.cancel()
+            if not call.done():
+                call.cancel()
 
     # -- abort --------------------------------------------------------------------------------
 
