@@ -24,6 +24,8 @@ import torch
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.cuda_graphs import FED_MAX_BATCH, DecodeGraphs, PinnedStaging, graph_batch_sizes
 from engine.gemv_dispatch import GemvDispatch, install_gemv
+from engine.models.cpu_forward import cpu_forward
+from engine.models.layers import TorchOps
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampling.sampler import Logprobs, Sampler
@@ -125,6 +127,9 @@ class ModelRunner:
             self.gemv = GemvDispatch(self.device)
             install_gemv(model, self.gemv)
             self.gemv.prepare_modules(model, rows=[b for b in graph_batch_sizes(max_graph_batch) if b <= 4])
+        # On CPU (plain-torch ops) eager steps run the flat forward: the model's ops without the
+        # module dispatch around them, bit-identical (engine/models/cpu_forward.py).
+        self.flat_cpu_forward = self.device.type == "cpu" and isinstance(model.ops, TorchOps)
         self.staging = PinnedStaging() if self.device.type == "cuda" else None
         self._ahead: Lookahead | None = None
         self.lookahead_counts = {"used": 0, "dropped": 0}  # lookahead steps taken / thrown away
@@ -229,10 +234,17 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=tuple(seq_lens),
+            seq_ids=tuple(s.request.request_id for s in reqs),
         )
         return BatchInputs(longs[:t], longs[t : 2 * t], meta, longs[3 * t : o_lens], tuple(sampled))
 
     # --- execution ---------------------------------------------------------------------------
+    def _runs_flat_forward(self) -> bool:
+        """The flat forward replicates ``LlamaForCausalLM.forward``: a model whose forward is
+        another (a subclass's own, or one replaced on the instance) runs through that one."""
+        m = self.model
+        return self.flat_cpu_forward and type(m).forward is LlamaForCausalLM.forward and "forward" not in vars(m)
+
     def _graph_bucket(self, batch: ScheduledBatch) -> int | None:
         if self.graphs is None or any(s.num_new_tokens > MAX_GRAPH_QUERY_LEN for s in batch.requests):
             return None
@@ -360,7 +372,8 @@ class ModelRunner:
             logits, sampled = self._execute_graph(batch)
         else:
             inputs = self.prepare(batch)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.attn)
+            args = (inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.attn)
+            hidden = cpu_forward(self.model, *args) if self._runs_flat_forward() else self.model(*args)
             sampled = list(inputs.sampled_requests)
             logits = self.model.compute_logits(hidden[inputs.logits_rows]) if sampled else None
         if self.launched_hook is not None:

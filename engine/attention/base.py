@@ -37,6 +37,9 @@ class AttentionMetadata:
     # Host copies, so backends need no device->host sync to loop over sequences.
     query_lens_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
+    # Who each sequence is (request ids), for backends that carry per-sequence state from one step
+    # to the next (``DecodeMirror``); None: no such state is carried.
+    seq_ids: tuple[str, ...] | None = None
 
     @property
     def num_seqs(self) -> int:

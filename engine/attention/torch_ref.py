@@ -10,6 +10,8 @@ as ``[.., Hkv, L, D]``, GQA without repeating KV heads): on CPU its fused kernel
 matmuls, in fp32 and even more in bf16, and it is the attention HF's default ``sdpa`` runs.
 What depends only on the step (which blocks to gather, the padding mask) is built once per step,
 on the first layer's call, and reused by the others: ``AttentionMetadata`` is one object per step.
+On CPU, steps in which every sequence decodes read their contexts from ``DecodeMirror`` instead
+of gathering them: consecutive decode steps of the same batch then copy only the new tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionMetadata
+from engine.attention.decode_mirror import DecodeMirror, MirrorStep
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class _DecodePlan:
     first_block: int | None
     mask: torch.Tensor | None  # additive [B, 1, 1, nb * block_size] (0 / -inf), None if no padding
     rows: torch.Tensor | None  # query rows of the decode sequences (None: every row, in order)
+    mirror: MirrorStep | None = None  # read K/V from the mirrors (CPU, every row a decode)
 
 
 class TorchAttention:
@@ -42,15 +46,18 @@ class TorchAttention:
         # The step whose plan is cached (its metadata and KV dtype), and the plan.
         self._plan_key: tuple[AttentionMetadata, torch.dtype, int] | None = None
         self._plan: _DecodePlan | None = None
+        self.mirror = DecodeMirror()
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
+        # K and V in one index_copy_ over the layer viewed as [2, slots, Hkv, D]: fewer ops per
+        # layer (what a small decode step pays for), the same bytes written.
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        if k.dtype != kv_layer.dtype:
-            k, v = k.to(kv_layer.dtype), v.to(kv_layer.dtype)
-        kv_layer[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-        kv_layer[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+        kv = torch.stack((k, v))  # [2, T, Hkv, D]
+        if kv.dtype != kv_layer.dtype:
+            kv = kv.to(kv_layer.dtype)
+        kv_layer.view(2, -1, num_kv_heads, head_dim).index_copy_(1, slot_mapping, kv)
 
     def attend(
         self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
@@ -76,6 +83,8 @@ class TorchAttention:
             return self._plan
         seqs = [b for b, n in enumerate(meta.query_lens_cpu) if n == 1]
         self._plan_key, self._plan = key, None
+        if not seqs or len(seqs) != meta.num_seqs:
+            self.mirror.skip()
         if not seqs:
             return None
         block_size = kv_layer.shape[2]
@@ -99,8 +108,18 @@ class TorchAttention:
             ids = table[0].tolist()
             if ids == list(range(ids[0], ids[0] + nb)):
                 first = ids[0]
+        mirror = None
+        if everyone and first is None and device.type == "cpu":
+            mirror = self.mirror.plan(meta.seq_ids, tuple(lens), table, meta.slot_mapping, kv_layer)
+        elif everyone:
+            self.mirror.skip()
         self._plan = _DecodePlan(
-            block_ids=table.reshape(-1).long(), num_blocks=nb, first_block=first, mask=mask, rows=rows
+            block_ids=table.reshape(-1).long(),
+            num_blocks=nb,
+            first_block=first,
+            mask=mask,
+            rows=rows,
+            mirror=mirror,
         )
         return self._plan
 
@@ -112,7 +131,9 @@ class TorchAttention:
         _, num_blocks, block_size, hkv, d = kv_layer.shape
         b, hq = q.shape[0], q.shape[1]
         length = plan.num_blocks * block_size
-        if plan.first_block is not None:
+        if plan.mirror is not None:
+            k, v = self.mirror.read(kv_layer, plan.mirror)
+        elif plan.first_block is not None:
             first = plan.first_block
             k, v = (kv_layer[i, first : first + plan.num_blocks].view(b, length, hkv, d) for i in (0, 1))
         else:

@@ -10,7 +10,8 @@ file's Q4_1 tensors are used as they are, without requantizing). ``Int4Linear`` 
     is fast only with bf16 activations, which also means bf16 ``scale``/``zero``: ``d`` and ``m``
     come as fp16 in GGUF files and are rounded to bf16 there (the codes are kept exactly);
   * a bf16 copy of the exact dequantized weights for many-row steps (prefill, large decode
-    batches), where the bf16 matrix units beat any 4-bit kernel.
+    batches), where the bf16 matrix units beat any 4-bit kernel, pre-packed for oneDNN where torch
+    can (``packed_bf16``: bit-identical to ``F.linear`` on that copy, without its per-call reorder).
 
 Both paths take and return bf16 activations internally; a float32 model still works (its inputs
 are cast per call), but a bf16 model avoids the casts and halves the KV cache.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.quantization.packed_bf16 import pack_bf16
 
 GROUP_SIZE = 32
 # At or below this many rows a step uses the int4 kernel, above it the bf16 matmul (measured on a
@@ -65,6 +68,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = k, n
         d, m = d.float(), m.float()
         self.register_buffer("weight_bf16", dequantize_q4_1(codes, d, m).to(torch.bfloat16), persistent=False)
+        self._packed_bf16 = pack_bf16(self.weight_bf16)  # None: F.linear on weight_bf16
         # The packing needs N % 16 == 0: pad with rows whose weights are 0 (q = 8, scale = zero = 0).
         pad = -n % _N_MULTIPLE
         if pad:
@@ -95,6 +99,8 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
             if self._padded_n != self.out_features:
                 y = y[:, : self.out_features]
+        elif self._packed_bf16 is not None:
+            y = self._packed_bf16(x2)
         else:
             y = nn.functional.linear(x2, self.weight_bf16)
         if y.dtype != x.dtype:

@@ -5,7 +5,8 @@ move a quarter of the fp32 bytes. ``Int8Linear`` keeps
 
   * int8 weights + one scale per output row, used when a step has few rows (decode), through
     ``aten._weight_int8pack_mm`` with bf16 activations (the fast CPU kernel for it), and
-  * a bf16 copy of the dequantized weights for many-row steps (prefill), where bf16 matrix units win.
+  * a bf16 copy of the dequantized weights for many-row steps (prefill), where bf16 matrix units win,
+    pre-packed for oneDNN where torch can (``packed_bf16``, bit-identical to ``F.linear`` on it).
 
 Outputs are not bit-identical to the float model (weights are rounded to 8 bits); the float path
 stays the default and is the one tested token-for-token against HF transformers.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.quantization.packed_bf16 import pack_bf16
 
 SMALL_BATCH_ROWS = 16  # at or below: int8 kernel; above: bf16 matmul
 
@@ -31,6 +34,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q, persistent=False)
         self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
         self.register_buffer("weight_bf16", (q.float() * scale[:, None]).to(torch.bfloat16), persistent=False)
+        self._packed_bf16 = pack_bf16(self.weight_bf16)  # None: F.linear on weight_bf16
         self.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
@@ -42,6 +46,8 @@ class Int8Linear(nn.Module):
             x2 = x2.to(torch.bfloat16)
         if x2.shape[0] <= self.max_int8_rows:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        elif self._packed_bf16 is not None:
+            y = self._packed_bf16(x2)
         else:
             y = torch.nn.functional.linear(x2, self.weight_bf16)
         if y.dtype != x.dtype:
