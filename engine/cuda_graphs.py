@@ -306,10 +306,7 @@ class DecodeGraphs:
         graph.replay()
         self._replayed.record()
         self._pending = True
-        rows = self._rows.get((b, n, False))
-        if rows is None:
-            rows = self._rows[b, n, False] = logits[:n]
-        return rows
+        return self._logits_rows(b, n, False, logits)
 
     def run_fed(self, token_ids: torch.Tensor, positions: list[int], block_ids: list[list[int]]) -> torch.Tensor | None:
         """A decode step whose token ids are already on the device (``token_ids`` [n], e.g. the
@@ -331,9 +328,13 @@ class DecodeGraphs:
         self.feed[:n].copy_(token_ids)
         graph, logits = self.fed_graphs[b]
         graph.replay()
-        rows = self._rows.get((b, n, True))
+        return self._logits_rows(b, n, True, logits)
+
+    def _logits_rows(self, b: int, n: int, fed: bool, logits: torch.Tensor) -> torch.Tensor:
+        """``logits[:n]`` of bucket ``b``'s graph, the view cut once (a replay costs no tensor call)."""
+        rows = self._rows.get((b, n, fed))
         if rows is None:
-            rows = self._rows[b, n, True] = logits[:n]
+            rows = self._rows[b, n, fed] = logits[:n]
         return rows
 
     def _pack(self, b: int, token_ids: list[int], positions: list[int], block_ids: list[list[int]]) -> None:

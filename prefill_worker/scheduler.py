@@ -117,7 +117,7 @@ class PrefillTransfers:
         with torch.inference_mode(False), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for job in completing:
                 try:
-                    self._send(job, -(-job.req.num_prompt_tokens // self.engine.kv.block_size), last=True)
+                    self._send(job, self._prompt_blocks(job.req), last=True)
                 except Exception as e:  # noqa: BLE001  (ended by after_step, with its message)
                     job.send_error = e
 
@@ -140,14 +140,14 @@ class PrefillTransfers:
         return bool(self.jobs)
 
     def _advance(self, job: _Job, now: float) -> None:
-        req, bs = job.req, self.engine.kv.block_size
+        req = job.req
         if req.status == RequestStatus.ABORTED:
             self.jobs.pop(req.request_id, None)
             self._end(job, PrefillFailed("ABORTED", "aborted", retryable=False))
             return
-        n_prompt_blocks = -(-req.num_prompt_tokens // bs)
         prompt_done = req.status == RequestStatus.SENDING_KV
-        upto = n_prompt_blocks if prompt_done else min(req.num_computed_tokens, req.num_prompt_tokens) // bs
+        bs = self.engine.kv.block_size
+        upto = self._prompt_blocks(req) if prompt_done else min(req.num_computed_tokens, req.num_prompt_tokens) // bs
         if prompt_done and job.prompt_done is None:
             job.prompt_done = time.monotonic()
             job.first.set_result(self._outcome(job, job.prompt_done, transfer_s=0.0))
@@ -169,6 +169,10 @@ class PrefillTransfers:
         if now > job.deadline:
             self.jobs.pop(req.request_id, None)
             self._end(job, PrefillFailed("DEADLINE_EXCEEDED", "prefill deadline passed", retryable=True))
+
+    def _prompt_blocks(self, req: Request) -> int:
+        """Blocks the prompt occupies, its partial tail block included."""
+        return -(-req.num_prompt_tokens // self.engine.kv.block_size)
 
     def _send(self, job: _Job, upto: int, last: bool) -> None:
         """Send prompt blocks ``[job.sent_upto, upto)`` (``last``: and the done marker)."""

@@ -372,25 +372,7 @@ class ClusterBackend:
                     # the call completes rather than being cancelled with operations pending.
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await call.read()
-                if response.WhichOneof("outcome") != "result":
-                    raise _from_error(response.error, prefill.worker_id, "Prefill")
-                result = response.result
-                if result.kv_pending != pending:
-                    raise WorkerFailure(
-                        BackendErrorKind.INTERNAL,
-                        f"prefill worker {prefill.worker_id} answered out of order (kv_pending={result.kv_pending})",
-                        prefill.worker_id,
-                        False,
-                    )
-                vocab = self.config.vocab_size
-                if result.first_token_id < 0 or (vocab is not None and result.first_token_id >= vocab):
-                    raise WorkerFailure(
-                        BackendErrorKind.INTERNAL,
-                        f"prefill worker {prefill.worker_id} returned token id {result.first_token_id}",
-                        prefill.worker_id,
-                        False,
-                    )
-                yield result
+                yield _checked_result(response, pending, prefill.worker_id, self.config.vocab_size)
         finally:
             if not call.done():
                 call.cancel()
@@ -427,6 +409,23 @@ async def _next_answer(call, worker_id: str) -> worker_pb2.PrefillResponse:
             BackendErrorKind.UNAVAILABLE, f"prefill worker {worker_id} ended its answer early", worker_id, True
         )
     return response
+
+
+def _checked_result(
+    response: worker_pb2.PrefillResponse, pending: bool, worker_id: str, vocab: int | None
+) -> worker_pb2.PrefillResult:
+    """The result in one of P's answers (``pending``: the first), or the failure it stands for."""
+    if response.WhichOneof("outcome") != "result":
+        raise _from_error(response.error, worker_id, "Prefill")
+    result = response.result
+    problem = None
+    if result.kv_pending != pending:
+        problem = f"answered out of order (kv_pending={result.kv_pending})"
+    elif result.first_token_id < 0 or (vocab is not None and result.first_token_id >= vocab):
+        problem = f"returned token id {result.first_token_id}"
+    if problem is not None:
+        raise WorkerFailure(BackendErrorKind.INTERNAL, f"prefill worker {worker_id} {problem}", worker_id, False)
+    return result
 
 
 def _first_logprobs(result: worker_pb2.PrefillResult):
