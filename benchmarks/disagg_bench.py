@@ -1,12 +1,13 @@
 """Does disaggregation pay? Same ``long-mixed`` load (long prompts arriving among short chats) against:
 
-  split       1 prefill + 1 decode worker (each on its own GPU)
-  split-p2048 the same, 2048-token prefill steps (every worker's default is 512)
-  agg         2 aggregated replicas (decode workers that prefill locally, chunked prefill on)
+  split       1 prefill + 1 decode worker (each on its own GPU), prefill steps of ``--chunk`` tokens
+  agg         2 aggregated replicas (decode workers that prefill locally), chunked prefill on:
+              steps of at most ``--chunk`` tokens, decodes included
   agg-nochunk 2 aggregated replicas with chunked prefill off (a whole prompt in one step)
 
 Each configuration is a real ``baton serve``; the load is ``baton bench``. Reports p50/p99 ITL, TTFT
-and goodput per configuration, and the ratios the issue asks for.
+and goodput per configuration, and the ratios the issue asks for. ``--step-trace`` also writes every
+worker's per-step timings (engine/step_trace.py) next to the results.
 
     python benchmarks/disagg_bench.py --model dummy:llama-3.2-1b --rate 4 --num-prompts 120 --out disagg.json
 """
@@ -24,13 +25,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-CONFIGS = {
-    "split": ["--num-prefill", "1", "--num-decode", "1"],
-    # The prefill worker with 2048-token steps (it has no decodes to protect from long steps).
-    "split-p2048": ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", "2048"],
-    "agg": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", "512"],
-    "agg-nochunk": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", "16384"],
-}
+NO_CHUNK_TOKENS = 16384  # longer than any prompt of the load: a whole prompt in one step
+
+
+def config_args(name: str, chunk: int) -> list[str]:
+    return {
+        "split": ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(chunk)],
+        "agg": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(chunk)],
+        "agg-nochunk": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(NO_CHUNK_TOKENS)],
+    }[name]
 
 
 def free_port() -> int:
@@ -39,11 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(model: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def serve(model: str, extra: list[str], log: Path, step_trace: Path | None) -> tuple[subprocess.Popen, str]:
     port, gport = free_port(), free_port()
     out = open(log, "w")
+    env = dict(os.environ)
+    if step_trace is not None:
+        env["BATON_STEP_TRACE"] = str(step_trace)
     proc = subprocess.Popen([sys.executable, "-m", "baton", "serve", "--model", model, "--port", str(port), "--grpc-port", str(gport),
-                             "--max-model-len", "16384", *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                             "--max-model-len", str(NO_CHUNK_TOKENS), *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -63,7 +69,7 @@ def bench(url: str, args, name: str, out_dir: Path) -> dict:
            "--num-prompts", str(args.num_prompts), "--request-rate", str(args.rate), "--ignore-eos", "--seed", "7",
            "--short-input-len", str(args.short_in), "--short-output-len", str(args.short_out),
            "--long-input-len", str(args.long_in), "--long-output-len", str(args.long_out), "--long-fraction", str(args.long_fraction),
-           "--percentile-metrics", "ttft,itl,tpot,e2el", "--metric-percentiles", "50,99",
+           "--percentile-metrics", "ttft,itl,tpot,e2el", "--metric-percentiles", "50,90,99,99.9",
            "--goodput", f"ttft:{args.slo_ttft_ms}", f"tpot:{args.slo_tpot_ms}",
            "--result-dir", str(out_dir), "--result-filename", f"{name}.json", "--no-plots", "--disable-progress", "--timeout", "300"]
     subprocess.run(cmd, check=True)
@@ -82,14 +88,17 @@ def main() -> None:
     ap.add_argument("--long-fraction", type=float, default=0.15)
     ap.add_argument("--slo-ttft-ms", type=float, default=2000)
     ap.add_argument("--slo-tpot-ms", type=float, default=50)
+    ap.add_argument("--chunk", type=int, default=512, help="prefill step size of 'split' (its prefill worker) and 'agg'")
     ap.add_argument("--configs", default="split,agg,agg-nochunk")
+    ap.add_argument("--step-trace", action="store_true", help="write each worker's per-step timings to steps-<config>/")
     ap.add_argument("--out", default="bench_results/disagg.json")
     args = ap.parse_args()
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.configs.split(","):
-        proc, url = serve(args.model, CONFIGS[name], out_dir / f"serve-{name}.log")
+        trace_dir = out_dir / f"steps-{name}" if args.step_trace else None
+        proc, url = serve(args.model, config_args(name, args.chunk), out_dir / f"serve-{name}.log", trace_dir)
         try:
             results[name] = bench(url, args, name, out_dir)
             # Every component's histograms (TTFT, ITL, queue, KV transfer) as the router shows them.
@@ -101,7 +110,7 @@ def main() -> None:
                 proc.wait(90)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-    keys = ("p99_itl_ms", "p50_itl_ms", "p99_ttft_ms", "request_goodput", "output_throughput", "completed", "failed")
+    keys = ("p99_itl_ms", "p99.9_itl_ms", "p90_itl_ms", "p50_itl_ms", "p99_ttft_ms", "request_goodput", "output_throughput", "completed", "failed")
     summary = {name: {k: r.get(k) for k in keys} for name, r in results.items()}
     if "split" in summary and "agg" in summary:
         summary["p99_itl_agg_over_split"] = summary["agg"]["p99_itl_ms"] / summary["split"]["p99_itl_ms"]

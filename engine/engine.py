@@ -16,6 +16,7 @@ from engine.request import FinishReason, Request, RequestStatus
 from engine.runner import ModelRunner, StepOutput
 from engine.sampling.params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.step_trace import step_shape
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class LLMEngine:
         self.hold_blocks_on_finish = False
         self.fingerprint = ""
         self.metrics = EngineMetrics()  # counters of what the scheduler ran (engine/metrics.py)
+        self.step_trace = None  # engine.step_trace.StepTrace: one timing line per step (diagnosis)
+        self._last_shape: tuple[int, int, int] | None = None  # latest step's rows, tokens, prefill tokens
         self.spec = None
         if spec is not None:
             self.set_spec(spec)
@@ -119,6 +122,17 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        if self.step_trace is None:
+            return self._propose_and_step()
+        start = time.monotonic()
+        self._last_shape = None
+        results = self._propose_and_step()
+        if self._last_shape is not None:
+            s = self.scheduler
+            self.step_trace.record(*self._last_shape, start, time.monotonic(), len(s.running), len(s.waiting))
+        return results
+
+    def _propose_and_step(self) -> list[RequestOutput]:
         if self.spec is None:
             return self._step()
         start = time.perf_counter()
@@ -131,6 +145,8 @@ class LLMEngine:
         self.metrics.on_schedule(batch)  # before the empty check: a step may only preempt
         if batch.is_empty:
             return []
+        if self.step_trace is not None:
+            self._last_shape = step_shape(batch)  # now: the update below moves the requests on
         t0 = time.perf_counter()
         if self.spec is not None:  # what the step costs depends on (measured for the spec policy)
             reqs = batch.requests

@@ -27,6 +27,7 @@ from engine.metrics import (
     SpecDecodeSnapshot,
     spec_decode_snapshot,
 )
+from engine.step_trace import StepTrace
 
 MAX_EVENT_BATCHES = 4096  # a poller further behind than this sees a gap and resynchronises
 # The engine loop is busy Python that rarely blocks, so other threads of a worker (KV transfer,
@@ -83,6 +84,8 @@ class EngineHost:
         self._generated = 0
         self._device_set = False
         self.loop = EngineLoop(self._step, name=f"{name}-loop")
+        if engine.step_trace is None:
+            engine.step_trace = StepTrace.from_env(name)  # BATON_STEP_TRACE (engine/step_trace.py)
 
     def start(self) -> None:
         sys.setswitchinterval(min(sys.getswitchinterval(), WORKER_SWITCH_INTERVAL_S))
@@ -90,6 +93,8 @@ class EngineHost:
 
     def stop(self) -> None:
         self.loop.stop()
+        if self.engine.step_trace is not None and not self.loop.alive:
+            self.engine.step_trace.close()
 
     # --- outputs -----------------------------------------------------------------------------
     def subscribe(self, request_id: str) -> queue.Queue[RequestOutput]:

@@ -20,6 +20,7 @@ Definitions (over successful requests unless stated):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -178,6 +179,8 @@ def compute_metrics(
             "e2els": [r.e2el for r in results],
             "itls": [list(r.itl) for r in results],
             "send_times": [r.send_time - start for r in results],
+            # Wall clock of send_times' zero, to line a run up with server-side logs and traces.
+            "start_time_unix": time.time() - (time.perf_counter() - start) if results else None,
             "kinds": [r.kind for r in results],
             "errors": [r.error for r in results],
         }

@@ -1,5 +1,7 @@
 """Metric definitions checked against values computed by hand."""
 
+import time
+
 import pytest
 
 from baton.bench.client import RequestResult
@@ -92,6 +94,8 @@ def test_raw_arrays_keep_request_order_and_failures():
     assert m["itls"] == [[0.1, 0.1, 0.1, 0.1], [], []]
     assert m["errors"] == ["", "", "HTTP 500: boom"]
     assert m["send_times"] == [0.0, 0.0, 0.5]
+    # The wall clock of the first send (perf_counter 10.0), to line runs up with server traces.
+    assert m["start_time_unix"] == pytest.approx(time.time() - time.perf_counter() + 10.0, abs=1.0)
 
 
 def test_by_kind_splits_latencies_per_request_kind():
