@@ -124,10 +124,13 @@ async def serve(opts: ServeOptions) -> int:
         await asyncio.to_thread(controller.start, s.num_prefill, s.num_decode, 900.0, _say)
         first = next(m.info for m in controller.members.values() if m.info)
         tokenizer_dir = first["tokenizer_dir"] or source.tokenizer_dir
-        if not tokenizer_dir:  # dummy weights: drive them with BATON_TOKENIZER or the default model's tokenizer
+        dummy = not tokenizer_dir
+        if dummy:  # dummy weights: drive them with BATON_TOKENIZER or the default model's tokenizer
             tokenizer_dir = s.tokenizer or resolve_model(None).tokenizer_dir
             _say("no tokenizer with dummy weights: using the default model's tokenizer")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        if dummy:
+            tokenizer.cover_ids(first["vocab_size"])  # every sampled id streams as text
         backend = ClusterBackend(
             ClusterConfig(first["fingerprint"], first["block_size"], first["max_model_len"], vocab_size=first["vocab_size"], secret=secret),
             store,

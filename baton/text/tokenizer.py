@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
 from baton.text.chat_template import render_chat_template
@@ -87,6 +88,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer can produce (added tokens included)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def cover_ids(self, vocab_size: int) -> None:
+        """Give every id below ``vocab_size`` a text: ids past this tokenizer's own vocabulary decode
+        as `` <id>``. For dummy weights driven by another model's tokenizer (a Llama-3.1-8B shape samples
+        from 128,256 ids; the default tokenizer knows 49,152): without it the ids it lacks decode to
+        nothing, streams skip them, and a client sees several tokens arrive as one, which distorts
+        inter-token latency. Ids already covered keep their text."""
+        have = self.vocab_size
+        if vocab_size > have:
+            self.backend.add_tokens(
+                [AddedToken(f" <{i}>", normalized=False, special=False) for i in range(have, vocab_size)]
+            )
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

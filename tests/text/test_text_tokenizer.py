@@ -99,3 +99,20 @@ def test_baton_text_never_imports_torch(smollm2_dir: Path) -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).parents[2])
+
+
+def test_cover_ids_gives_every_model_id_text_and_keeps_the_rest(smollm2_dir: Path) -> None:
+    from baton.text.detokenizer import IncrementalDetokenizer
+
+    tok = Tokenizer.from_dir(smollm2_dir)  # its own instance: covering changes it
+    own = tok.vocab_size
+    text = "What is the capital of France?"
+    before = tok.encode(text), tok.decode([100, 200])
+    tok.cover_ids(own + 1000)
+    assert tok.vocab_size == own + 1000
+    assert (tok.encode(text), tok.decode([100, 200])) == before  # the tokenizer's own ids are untouched
+    assert tok.decode([own, own + 999]) == f" <{own}> <{own + 999}>"
+    detok = IncrementalDetokenizer(tok, tok.encode(text))
+    assert [detok.push(i) for i in (own + 5, own + 6)] == [f" <{own + 5}>", f" <{own + 6}>"]  # one delta each
+    tok.cover_ids(own + 10)  # already covered: nothing changes
+    assert tok.vocab_size == own + 1000
