@@ -1,6 +1,7 @@
 """Does disaggregation pay? Same ``long-mixed`` load (long prompts arriving among short chats) against:
 
-  split       1 prefill + 1 decode worker (each on its own GPU), prefill steps of ``--chunk`` tokens
+  split       1 prefill + 1 decode worker (each on its own GPU), prefill steps of ``--split-chunk`` tokens
+              (the prefill worker has no decodes to keep smooth: larger steps prefill faster)
   agg         2 aggregated replicas (decode workers that prefill locally), chunked prefill on:
               steps of at most ``--chunk`` tokens, decodes included
   agg-nochunk 2 aggregated replicas with chunked prefill off (a whole prompt in one step)
@@ -28,9 +29,9 @@ from pathlib import Path
 NO_CHUNK_TOKENS = 16384  # longer than any prompt of the load: a whole prompt in one step
 
 
-def config_args(name: str, chunk: int) -> list[str]:
+def config_args(name: str, chunk: int, split_chunk: int) -> list[str]:
     return {
-        "split": ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(chunk)],
+        "split": ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(split_chunk)],
         "agg": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(chunk)],
         "agg-nochunk": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(NO_CHUNK_TOKENS)],
     }[name]
@@ -88,7 +89,8 @@ def main() -> None:
     ap.add_argument("--long-fraction", type=float, default=0.15)
     ap.add_argument("--slo-ttft-ms", type=float, default=2000)
     ap.add_argument("--slo-tpot-ms", type=float, default=50)
-    ap.add_argument("--chunk", type=int, default=512, help="prefill step size of 'split' (its prefill worker) and 'agg'")
+    ap.add_argument("--chunk", type=int, default=512, help="step size of 'agg' (chunked prefill among decodes)")
+    ap.add_argument("--split-chunk", type=int, default=2048, help="prefill step size of 'split' (its prefill worker)")
     ap.add_argument("--configs", default="split,agg,agg-nochunk")
     ap.add_argument("--step-trace", action="store_true", help="write each worker's per-step timings to steps-<config>/")
     ap.add_argument("--out", default="bench_results/disagg.json")
@@ -98,7 +100,7 @@ def main() -> None:
     results = {}
     for name in args.configs.split(","):
         trace_dir = out_dir / f"steps-{name}" if args.step_trace else None
-        proc, url = serve(args.model, config_args(name, args.chunk), out_dir / f"serve-{name}.log", trace_dir)
+        proc, url = serve(args.model, config_args(name, args.chunk, args.split_chunk), out_dir / f"serve-{name}.log", trace_dir)
         try:
             results[name] = bench(url, args, name, out_dir)
             # Every component's histograms (TTFT, ITL, queue, KV transfer) as the router shows them.

@@ -24,6 +24,7 @@ import torch
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.cuda_graphs import FED_MAX_BATCH, DecodeGraphs, PinnedStaging, graph_batch_sizes
 from engine.gemv_dispatch import GemvDispatch, install_gemv
+from engine.kernels.prefill_attention import warm_up_prefill_attention
 from engine.models.cpu_forward import cpu_forward
 from engine.models.layers import TorchOps
 from engine.models.llama import LlamaForCausalLM
@@ -98,6 +99,16 @@ def _tokens(r: Request, start: int, n: int) -> list[int]:
     return r.all_token_ids[start : start + n]
 
 
+# Segment starts of a step's int32 input buffer are multiples of this many elements (16 bytes; int64
+# copies of the first segments stay 16-byte aligned too), table widths multiples of the other.
+_ALIGN = 4
+_TABLE_WIDTH_MULTIPLE = 16
+
+
+def _aligned(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -127,6 +138,8 @@ class ModelRunner:
             self.gemv = GemvDispatch(self.device)
             install_gemv(model, self.gemv)
             self.gemv.prepare_modules(model, rows=[b for b in graph_batch_sizes(max_graph_batch) if b <= 4])
+            # Prefill-attention tile variants, compiled now rather than by the first steps that need them.
+            warm_up_prefill_attention(kv_cache[0], model.config.num_heads)
         # On CPU (plain-torch ops) eager steps run the flat forward: the model's ops without the
         # module dispatch around them, bit-identical (engine/models/cpu_forward.py).
         self.flat_cpu_forward = self.device.type == "cpu" and isinstance(model.ops, TorchOps)
@@ -179,7 +192,12 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> BatchInputs:
         """Flatten the batch into one int32 host buffer, laid out as
         ``[ids T | positions T | slots T | logits rows R | seq_lens B | query_start_loc B+1 | table B*w]``,
-        move it in one copy, and take typed views of it."""
+        move it in one copy, and take typed views of it.
+
+        Every segment starts on a 16-byte boundary and the table's width is a multiple of 16:
+        Triton compiles a kernel variant per pointer alignment and per "stride divisible by 16",
+        so unaligned views would make each new batch shape compile (seconds) in the middle of
+        serving. ``T`` is the token count rounded up to 4, and so on (``_ALIGN``)."""
         bs = self.block_size
         reqs = batch.requests
         num_seqs = len(reqs)
@@ -195,28 +213,30 @@ class ModelRunner:
             if s.samples
             for j in range(s.num_logits_rows)
         ]
-        width = max(-(-sl // bs) for sl in seq_lens)
+        width = _aligned(max(-(-sl // bs) for sl in seq_lens), _TABLE_WIDTH_MULTIPLE)
 
         t, r = num_tokens, len(rows)
-        o_lens = 3 * t + r
-        o_qsl = o_lens + num_seqs
-        o_table = o_qsl + num_seqs + 1
+        t_pad = _aligned(t, _ALIGN)
+        o_rows = 3 * t_pad
+        o_lens = _aligned(o_rows + r, _ALIGN)
+        o_qsl = _aligned(o_lens + num_seqs, _ALIGN)
+        o_table = _aligned(o_qsl + num_seqs + 1, _ALIGN)
         host = self._host_buffer(o_table + num_seqs * width)
         o = 0
         for s in reqs:
             req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
             host[o : o + n] = _tokens(req, start, n)
             if n == 1:
-                host[t + o] = start
-                host[2 * t + o] = req.block_ids[start // bs] * bs + start % bs
+                host[t_pad + o] = start
+                host[2 * t_pad + o] = req.block_ids[start // bs] * bs + start % bs
             else:
                 p = np.arange(start, start + n)
-                host[t + o : t + o + n] = p
-                host[2 * t + o : 2 * t + o + n] = np.asarray(req.block_ids)[p // bs] * bs + p % bs
+                host[t_pad + o : t_pad + o + n] = p
+                host[2 * t_pad + o : 2 * t_pad + o + n] = np.asarray(req.block_ids)[p // bs] * bs + p % bs
             o += n
-        host[3 * t : o_lens] = rows
-        host[o_lens:o_qsl] = seq_lens
-        host[o_qsl:o_table] = qstart
+        host[o_rows : o_rows + r] = rows
+        host[o_lens : o_lens + num_seqs] = seq_lens
+        host[o_qsl : o_qsl + num_seqs + 1] = qstart
         table = host[o_table:].reshape(num_seqs, width)
         table.fill(0)
         for i, s in enumerate(reqs):
@@ -224,19 +244,19 @@ class ModelRunner:
             table[i, : len(ids)] = ids
 
         dev = self._to_device(host)
-        longs = dev[:o_lens].long()
+        longs = dev[:o_lens].long()  # a new tensor: its segments keep their (even) offsets
         meta = AttentionMetadata(
-            query_start_loc=dev[o_qsl:o_table],
-            seq_lens=dev[o_lens:o_qsl],
+            query_start_loc=dev[o_qsl : o_qsl + num_seqs + 1],
+            seq_lens=dev[o_lens : o_lens + num_seqs],
             block_tables=dev[o_table:].view(num_seqs, width),
-            slot_mapping=longs[2 * t : 3 * t],
+            slot_mapping=longs[2 * t_pad : 2 * t_pad + t],
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=tuple(seq_lens),
             seq_ids=tuple(s.request.request_id for s in reqs),
         )
-        return BatchInputs(longs[:t], longs[t : 2 * t], meta, longs[3 * t : o_lens], tuple(sampled))
+        return BatchInputs(longs[:t], longs[t_pad : t_pad + t], meta, longs[o_rows : o_rows + r], tuple(sampled))
 
     # --- execution ---------------------------------------------------------------------------
     def _runs_flat_forward(self) -> bool:

@@ -105,7 +105,10 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works; encode holds it throughout, so an
+        # 8,000-token prompt would freeze every other thread of the process (a router's event loop
+        # and every token stream it relays) for tens of milliseconds.
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         # Some tokenizer.json files leave BOS to the config flag rather than their post-processor.
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]

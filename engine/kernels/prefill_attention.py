@@ -263,3 +263,38 @@ def prefill_attention_ref(
         scores = scores.masked_fill(~causal[None], float("-inf"))
         out[lo:hi] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v).to(q.dtype)
     return out
+
+
+def warm_up_prefill_attention(kv_layer: torch.Tensor, num_heads: int, scale: float = 1.0) -> int:
+    """Compile every tile configuration ``prefill_attention`` can pick for this cache layout and head
+    count, so that no serving step stops for a compile (about a second each). Launches tiny calls
+    that read block 0 of ``kv_layer`` and write a scratch output; the cache is not written.
+
+    Covers what serving passes: query lengths 1..256+ (the tile height saturates well before), and
+    metadata that is 16-byte aligned with a table width that is a multiple of 16 (the runner's
+    layout). Returns the number of distinct configurations launched."""
+    _, _, block_size, num_kv_heads, head_dim = kv_layer.shape
+    device = kv_layer.device
+    group = num_heads // num_kv_heads
+    seen: set[tuple[int, int, int, int]] = set()
+    for query_len in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        block_m, block_n, warps, stages = _tile_config(kv_layer.dtype, query_len * group)
+        config = (max(block_m, next_pow2(group)), block_n, warps, stages)
+        if config in seen:
+            continue
+        seen.add(config)
+        width = -(-query_len // block_size)
+        width = -(-width // 16) * 16
+        # q as the model passes it: a view into the fused QKV projection's rows.
+        qkv = torch.zeros(query_len, (num_heads + 2 * num_kv_heads) * head_dim, dtype=kv_layer.dtype, device=device)
+        q = qkv[:, : num_heads * head_dim].view(query_len, num_heads, head_dim)
+        prefill_attention(
+            q,
+            kv_layer,
+            torch.tensor([0, query_len], dtype=torch.int32, device=device),
+            torch.tensor([query_len], dtype=torch.int32, device=device),
+            torch.zeros(1, width, dtype=torch.int32, device=device),
+            scale,
+            query_len,
+        )
+    return len(seen)

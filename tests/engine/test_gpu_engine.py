@@ -295,3 +295,41 @@ def test_lookahead_decoding_keeps_outputs_and_is_used():
             assert counts == {"used": 0, "dropped": 0}
     assert outputs[True] == outputs[False]
     assert [len(o) for o in outputs[True]][:3] == lengths[:3]
+
+
+def _compiled_variants() -> dict[str, int]:
+    """Variants Triton has compiled in this process, per kernel of ``engine.kernels``."""
+    import importlib
+    import pkgutil
+
+    import engine.kernels
+
+    counts = {}
+    for info in pkgutil.iter_modules(engine.kernels.__path__):
+        module = importlib.import_module(f"engine.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            caches = getattr(obj, "device_caches", None)
+            if isinstance(caches, dict):
+                counts[f"{info.name}.{name}"] = sum(len(entry[0]) for entry in caches.values())
+    return counts
+
+
+def test_no_kernel_compiles_while_serving():
+    # A compile costs about a second: a step that hits a new variant stalls every stream on the worker.
+    # Building the engine (its warm-up and graph capture) compiles every variant serving reaches;
+    # steps of any composition and table width add none.
+    cfg = GPU_LLAMA
+    eng = _engine(cfg, hf_weights(hf_model(cfg)), torch.bfloat16, max_batched=61, chunk=45, max_seqs=16)
+    eng.runner.capture_cuda_graphs()
+    before = _compiled_variants()
+    if not before:
+        pytest.skip("this Triton keeps its kernel cache elsewhere")
+    assert before["prefill_attention._prefill_kernel"] >= 1
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for rid, p in random_prompts(14, cfg["vocab_size"], 1, 300, seed=11).items():
+        eng.add_request(rid, p, params)
+        eng.step()  # arrivals between steps: batches of every composition and table width
+    while eng.has_unfinished():
+        eng.step()
+    after = _compiled_variants()
+    assert {k: after[k] - n for k, n in before.items() if after[k] != n} == {}

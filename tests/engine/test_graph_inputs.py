@@ -38,3 +38,27 @@ def test_padding_rows_touch_no_slot() -> None:
     assert list(host[2 * 4 + 1 : 3 * 4]) == [-1, -1, -1]  # slots of rows 1..3
     assert list(host[3 * 4 + 1 : 4 * 4]) == [0, 0, 0]  # their seq_lens
     assert list(host[4 * 4 : 5 * 4 + 1]) == [0, 1, 1, 1, 1]  # query_start_loc
+
+
+def test_eager_step_inputs_are_aligned_for_triton_whatever_the_batch() -> None:
+    # Triton compiles a kernel variant per pointer alignment and per stride % 16: unaligned views
+    # would make new batch shapes compile mid-serving. Every view starts on 16 bytes, tables are
+    # 16 wide or more.
+    from engine.sampling.params import SamplingParams
+    from tests.engine.helpers import make_engine, random_prompts
+    from tests.engine.oracle import TINY_LLAMA, hf_model, hf_weights
+
+    eng = make_engine(TINY_LLAMA, hf_weights(hf_model(TINY_LLAMA)), block_size=4, max_batched=23, chunk=7)
+    seen = []
+    prepare = eng.runner.prepare
+    eng.runner.prepare = lambda batch: seen.append(prepare(batch)) or seen[-1]
+    for rid, p in random_prompts(9, TINY_LLAMA["vocab_size"], 1, 40, seed=3).items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    assert len({(len(x.input_ids), x.meta.block_tables.shape) for x in seen}) > 5  # many shapes
+    for x in seen:
+        m = x.meta
+        for view in (x.input_ids, x.positions, x.logits_rows, m.slot_mapping, m.seq_lens, m.query_start_loc, m.block_tables):
+            assert (view.data_ptr() - view.untyped_storage().data_ptr()) % 16 == 0
+        assert m.block_tables.stride(0) % 16 == 0 and m.block_tables.shape[1] % 16 == 0

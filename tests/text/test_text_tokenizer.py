@@ -116,3 +116,29 @@ def test_cover_ids_gives_every_model_id_text_and_keeps_the_rest(smollm2_dir: Pat
     assert [detok.push(i) for i in (own + 5, own + 6)] == [f" <{own + 5}>", f" <{own + 6}>"]  # one delta each
     tok.cover_ids(own + 10)  # already covered: nothing changes
     assert tok.vocab_size == own + 1000
+
+
+def test_encoding_a_long_prompt_lets_other_threads_run(smollm2: Tokenizer) -> None:
+    # The router encodes prompts on a worker thread; its event loop (every stream it relays) must
+    # keep running meanwhile, so encoding may not hold the GIL from start to end.
+    import random
+    import threading
+    import time
+
+    from baton.bench.words import WORDS
+
+    rng = random.Random(0)
+    text = " ".join(rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(20_000))  # ~60,000 tokens
+    start = time.perf_counter()
+    smollm2.encode(text)
+    alone = time.perf_counter() - start
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: (smollm2.encode(text), stop.set()))
+    ticks = [time.perf_counter()]
+    worker.start()
+    while not stop.is_set():
+        time.sleep(0.001)
+        ticks.append(time.perf_counter())
+    worker.join()
+    longest_pause = max(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+    assert longest_pause < max(alone / 4, 0.02), (longest_pause, alone)

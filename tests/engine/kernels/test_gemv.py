@@ -305,10 +305,16 @@ def test_engine_decode_graphs_with_gemv_match_plain_linears():
             scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), capture_graphs=False,
         )  # fmt: skip
         eng.runner.sampler = RecordingSampler()
-        if use_gemv:
-            dispatch = GemvDispatch("cuda", measure=lambda shape, weight: (0.0, 1.0))
-            assert install_gemv(eng.runner.model, dispatch) == 4 * cfg["num_hidden_layers"] + 1
-            assert all(c.use_gemv for c in dispatch.prepare_modules(eng.runner.model))
+        # The runner put every linear on its own measured dispatch at load; rebind them to one whose
+        # choice is forced: always F.linear (the plain engine) or always the GEMV.
+        linears = [m for m in eng.runner.model.modules() if isinstance(m, GemvLinear)]
+        assert len(linears) == 4 * cfg["num_hidden_layers"] + 1
+        assert install_gemv(eng.runner.model, eng.runner.gemv) == 0  # nothing left to replace
+        forced = (0.0, 1.0) if use_gemv else (1.0, 0.0)
+        dispatch = GemvDispatch("cuda", measure=lambda shape, weight, forced=forced: forced)
+        for m in linears:
+            m.dispatch = dispatch
+        assert all(c.use_gemv == use_gemv for c in dispatch.prepare_modules(eng.runner.model))
         outs = {}
         for subset in (1, 2, 4):  # each subset decodes from the bucket of its size
             part = {f"{subset}/{rid}": p for rid, p in list(prompts.items())[:subset]}
