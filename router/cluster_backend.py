@@ -293,6 +293,7 @@ class ClusterBackend:
             local_prefill=prefill is None,
             deadline_ms=_deadline_ms(cfg.decode_timeout_s),
         )
+        call = None
         if prefill is not None:
             active.prefill_address = prefill.address
             answers = self._prefill(request, prefill, worker_request_id, sampling, reserved.handle, metadata)
@@ -312,15 +313,23 @@ class ClusterBackend:
                     route=route,
                     timing=timing,
                 )
+                # D waits for the KV itself and starts decoding the moment it lands, so ask it now:
+                # its second token then does not wait for P's acknowledgement and this round trip.
+                call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s, metadata=metadata)
                 # A failure from here on is retried like any other: the token above is kept and the
                 # next placement resumes from prompt + it (see generate()).
                 delivered = await anext(answers)  # every KV block landed on D
+            except BaseException:
+                if call is not None:
+                    call.cancel()  # D drops the request (and its reservation) when its caller leaves
+                raise
             finally:
                 await answers.aclose()
             timing.prefill_done, timing.transfer_ms = time.monotonic(), delivered.transfer_ms
             active.prefill_address = None  # P is done with it
 
-        call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s, metadata=metadata)
+        if call is None:
+            call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s, metadata=metadata)
         try:
             async for response in call:
                 if response.WhichOneof("payload") != "chunk":

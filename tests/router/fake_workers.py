@@ -93,6 +93,7 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
     address: str = ""  # set by WorkerServer
     error: int | None = None  # an ErrorCode to fail Prefill with
     error_after_first: int | None = None  # PrefillStream: fail with this ErrorCode after the first token
+    kv_landed: asyncio.Event | None = None  # PrefillStream: its second answer waits for this
     prefills: list[worker_pb2.PrefillRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
 
@@ -110,6 +111,8 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
             yield worker_pb2.PrefillResponse(error=common_pb2.Error(code=self.error, message="transfer broke"))
             return
         yield worker_pb2.PrefillResponse(result=self._result(request, kv_pending=True))
+        if self.kv_landed is not None:
+            await self.kv_landed.wait()
         if self.error_after_first is not None:
             error = common_pb2.Error(code=self.error_after_first, message="transfer broke", retryable=True)
             yield worker_pb2.PrefillResponse(error=error)

@@ -126,8 +126,28 @@ async def test_first_token_streams_before_the_kv_lands_and_a_later_transfer_fail
     resumed = cluster.workers["d0"].reservations["r1#1"]
     assert list(resumed.output_token_ids) == [TOKEN_BASE]
     decodes = cluster.workers["d0"].decodes
-    assert [d.request_id for d in decodes] == ["r1#1"] and decodes[0].local_prefill
+    # D may have been asked to decode the first attempt (before P reported the failure): that call
+    # was cancelled. The resumed attempt prefills locally.
+    assert [d.request_id for d in decodes if d.request_id != "r1"] == ["r1#1"] and decodes[-1].local_prefill
     assert cluster.workers["d0"].aborted == ["r1"]  # the first attempt's reservation
+
+
+async def test_decode_is_asked_before_the_prefill_worker_acknowledges_the_kv(cluster: Cluster) -> None:
+    # D waits for the KV itself, so the router asks it right after the first token: the second token
+    # does not wait for P's acknowledgement and one more round trip.
+    landed = asyncio.Event()
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0", kv_landed=landed))
+    run = asyncio.create_task(collect(backend(cluster), req(max_tokens=4)))
+    for _ in range(500):
+        if cluster.workers["d0"].decodes:
+            break
+        await asyncio.sleep(0.01)
+    assert [d.request_id for d in cluster.workers["d0"].decodes] == ["r1"] and not run.done()
+    landed.set()  # P acknowledges: the stream completes from D's tokens, each once
+    events = await asyncio.wait_for(run, 30)
+    assert [t for ev in events for t in ev.token_ids] == [TOKEN_BASE + i for i in range(4)]
+    assert events[0].timing.transfer_ms == 0.0
 
 
 async def test_split_trace_gets_the_transfer_time_after_the_first_token(cluster: Cluster) -> None:
