@@ -24,7 +24,6 @@ import torch
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.cuda_graphs import FED_MAX_BATCH, DecodeGraphs, PinnedStaging, graph_batch_sizes
 from engine.gemv_dispatch import GemvDispatch, install_gemv
-from engine.kernels.prefill_attention import warm_up_prefill_attention
 from engine.models.cpu_forward import cpu_forward
 from engine.models.layers import TorchOps
 from engine.models.llama import LlamaForCausalLM
@@ -139,6 +138,8 @@ class ModelRunner:
             install_gemv(model, self.gemv)
             self.gemv.prepare_modules(model, rows=[b for b in graph_batch_sizes(max_graph_batch) if b <= 4])
             # Prefill-attention tile variants, compiled now rather than by the first steps that need them.
+            from engine.kernels.prefill_attention import warm_up_prefill_attention  # CUDA only: lazily
+
             warm_up_prefill_attention(kv_cache[0], model.config.num_heads)
         # On CPU (plain-torch ops) eager steps run the flat forward: the model's ops without the
         # module dispatch around them, bit-identical (engine/models/cpu_forward.py).
