@@ -211,6 +211,11 @@ class Settings:
     kv_trace: bool = _setting(
         False, _parse_bool, "Print one timing line per KV piece from the workers (transfer diagnostics)."
     )
+    step_trace: str = _setting(
+        "",
+        _parse_str,
+        "A folder: every worker writes one timing line per engine step to <folder>/<worker>.steps.tsv (empty: off).",
+    )
 
     # Cluster shape and the services the processes share.
     num_prefill: int = _setting(1, _parse_int, "Prefill workers the launcher keeps.", check=_at_least(0))
