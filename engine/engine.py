@@ -67,7 +67,6 @@ class LLMEngine:
         self.fingerprint = ""
         self.metrics = EngineMetrics()  # counters of what the scheduler ran (engine/metrics.py)
         self.step_trace = None  # engine.step_trace.StepTrace: one timing line per step (diagnosis)
-        self._last_shape: tuple[int, int, int] | None = None  # latest step's rows, tokens, prefill tokens
         self.spec = None
         if spec is not None:
             self.set_spec(spec)
@@ -122,31 +121,18 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        if self.step_trace is None:
-            return self._propose_and_step()
-        start = time.monotonic()
-        self._last_shape = None
-        results = self._propose_and_step()
-        if self._last_shape is not None:
-            s = self.scheduler
-            self.step_trace.record(*self._last_shape, start, time.monotonic(), len(s.running), len(s.waiting))
-        return results
-
-    def _propose_and_step(self) -> list[RequestOutput]:
-        if self.spec is None:
-            return self._step()
         start = time.perf_counter()
-        self.spec.propose()  # draft tokens for running decodes, before the scheduler sizes them
+        if self.spec is not None:
+            self.spec.propose()  # draft tokens for running decodes, before the scheduler sizes them
         return self._step(start)
 
-    def _step(self, start: float | None = None) -> list[RequestOutput]:
-        """Schedule, execute, update. ``start``: when the step began (speculation measures it)."""
+    def _step(self, start: float) -> list[RequestOutput]:
+        """Schedule, execute, update. ``start``: when the step began (speculation and the trace use it)."""
         batch = self.scheduler.schedule()
         self.metrics.on_schedule(batch)  # before the empty check: a step may only preempt
         if batch.is_empty:
             return []
-        if self.step_trace is not None:
-            self._last_shape = step_shape(batch)  # now: the update below moves the requests on
+        traced = step_shape(batch) if self.step_trace is not None else None  # before the update moves it on
         t0 = time.perf_counter()
         if self.spec is not None:  # what the step costs depends on (measured for the spec policy)
             reqs = batch.requests
@@ -167,11 +153,15 @@ class LLMEngine:
                     self.kv.allocate_slots(s.request, 2)
         out = self.runner.execute(batch, lookahead=lookahead)
         results = self._update(batch, out)
+        end = time.perf_counter()
         if self.spec is not None:
-            end = time.perf_counter()
             self.spec.observe(*shape, end - t0)
             if decode_only:
                 self.spec.observe_outcome(sum(len(o.new_token_ids) for o in results), end - start)
+        if traced is not None:
+            self.step_trace.record(
+                *traced, start, end, len(self.scheduler.running), len(self.scheduler.waiting)
+            )
         return results
 
     def _update(self, batch, out: StepOutput) -> list[RequestOutput]:

@@ -40,7 +40,7 @@ class StepTrace:
         self._file: TextIO = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - open for the host's lifetime
         self._file.write(HEADER)
         self._last_end: float | None = None
-        self._last_flush = time.monotonic()
+        self._last_flush = time.perf_counter()
 
     @classmethod
     def from_env(cls, worker_name: str) -> StepTrace | None:
@@ -60,10 +60,10 @@ class StepTrace:
         running: int,
         waiting: int,
     ) -> None:
-        """``start``/``end``: ``time.monotonic()`` around the step; the shape from ``step_shape``."""
+        """``start``/``end``: ``time.perf_counter()`` around the step; the shape from ``step_shape``."""
         gap_ms = 0.0 if self._last_end is None else (start - self._last_end) * 1e3
         self._last_end = end
-        wall_start = time.time() - (time.monotonic() - start)
+        wall_start = time.time() - (time.perf_counter() - start)
         self._file.write(
             f"{wall_start:.6f}\t{(end - start) * 1e3:.3f}\t{gap_ms:.3f}\t{rows}\t"
             f"{tokens}\t{prefill_tokens}\t{running}\t{waiting}\n"

@@ -60,9 +60,8 @@ def _start_ray(s: Settings, opts: ServeOptions, workers: int) -> None:
     kv_trace = os.environ.get("BATON_KV_TRACE", "")
     if kv_trace:  # per-piece transfer timings (kv_transfer/diag.py), printed by the workers
         env["BATON_KV_TRACE"] = kv_trace
-    step_trace = os.environ.get("BATON_STEP_TRACE", "")
-    if step_trace:  # per-step timing files (engine/step_trace.py), one per worker
-        env["BATON_STEP_TRACE"] = os.path.abspath(step_trace)
+    if s.step_trace:  # per-step timing files (engine/step_trace.py), one per worker
+        env["BATON_STEP_TRACE"] = os.path.abspath(s.step_trace)
     runtime_env = {"env_vars": env}
     log_to_driver = bool(kv_trace)
     if address:
