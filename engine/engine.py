@@ -67,6 +67,9 @@ class LLMEngine:
         self.fingerprint = ""
         self.metrics = EngineMetrics()  # counters of what the scheduler ran (engine/metrics.py)
         self.step_trace = None  # engine.step_trace.StepTrace: one timing line per step (diagnosis)
+        # Requests whose KV arrived while a lookahead step was in flight: they join the batch after
+        # the next step (see start_reserved). RUNNING, holding their blocks, not yet in the scheduler.
+        self._joining: list[Request] = []
         self.spec = None
         if spec is not None:
             self.set_spec(spec)
@@ -111,6 +114,7 @@ class LLMEngine:
         if req.status in (RequestStatus.WAITING_FOR_KV, RequestStatus.SENDING_KV):
             self.kv.free(req)  # not in the scheduler's queues
         else:
+            self._forget_joining(req)
             self.scheduler.finish(req)
         if self.spec is not None:
             self.spec.forget(req)
@@ -118,7 +122,7 @@ class LLMEngine:
         req.finish_reason = FinishReason.ABORT
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._joining)
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
@@ -131,7 +135,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         self.metrics.on_schedule(batch)  # before the empty check: a step may only preempt
         if batch.is_empty:
-            return []
+            return self._admit_joining()
         traced = step_shape(batch) if self.step_trace is not None else None  # before the update moves it on
         t0 = time.perf_counter()
         if self.spec is not None:  # what the step costs depends on (measured for the spec policy)
@@ -146,13 +150,20 @@ class LLMEngine:
         # Lookahead decoding (runner) pays when the next step is this one again: not while requests
         # wait to be admitted, nor with speculation (whose steps change shape). The lookahead step
         # writes each decode's next position: its block is taken now (when one is free), not next step.
-        lookahead = self.runner.can_look_ahead and self.spec is None and not self.scheduler.waiting
+        # Requests about to join end it too: this step is the last of the current batch.
+        lookahead = (
+            self.runner.can_look_ahead
+            and self.spec is None
+            and not self.scheduler.waiting
+            and not self._joining
+        )
         if lookahead:
             for s in batch.requests:
                 if s.num_new_tokens == 1 and s.samples:
                     self.kv.allocate_slots(s.request, 2)
         out = self.runner.execute(batch, lookahead=lookahead)
         results = self._update(batch, out)
+        results += self._admit_joining()
         end = time.perf_counter()
         if self.spec is not None:
             self.spec.observe(*shape, end - t0)
@@ -222,6 +233,7 @@ class LLMEngine:
             self.scheduler.remove(req)
             req.transition(RequestStatus.SENDING_KV)
             return
+        self._forget_joining(req)
         self.scheduler.finish(req)
         req.transition(RequestStatus.FINISHED)
         self.requests.pop(req.request_id, None)
@@ -267,7 +279,15 @@ class LLMEngine:
     ) -> RequestOutput | None:
         """Begin decoding a reserved request. With ``first_token`` (sampled by the prefill worker) the
         prompt's KV has landed: every prompt token counts as computed. Without it the prompt (minus the
-        cached prefix) is prefilled here, in chunks, like any request."""
+        cached prefix) is prefilled here, in chunks, like any request.
+
+        Returns the request's first output (no tokens: the first one came from the prefill worker),
+        or None when it comes from a later step: always with a local prefill, and when a lookahead
+        step is in flight. That step computes the current batch's next tokens already; adding a row
+        now would throw it away and make every stream wait for it and then for the step that
+        replaces it (two steps' time). So the request joins after that step instead (``_joining``),
+        and its first output comes with that step's outputs: it decodes one step later, the others
+        lose nothing."""
         if first_token is None:
             req.transition(RequestStatus.RUNNING)
             self.scheduler.add_running(req)
@@ -276,14 +296,32 @@ class LLMEngine:
         req.output_token_ids.append(first_token)
         req.output_logprobs.append(first_logprob)
         req.transition(RequestStatus.RUNNING)
-        self.scheduler.add_running(req)
         self.kv.register_computed_blocks(req)
         reason = check_stop(req, first_token, self.max_model_len)
+        if reason is None and self.runner.lookahead_pending():
+            self._joining.append(req)
+            return None
+        self.scheduler.add_running(req)
         if reason is not None:
             self.finish(req, reason)
+        return self._joined(req, reason)
+
+    def _joined(self, req: Request, reason: FinishReason | None = None) -> RequestOutput:
+        """The tokenless output that tells a reserved request's caller it is decoding (or finished)."""
         return RequestOutput(
             req.request_id, (), (), reason is not None, reason, req.num_prompt_tokens, req.num_cached_tokens
         )
+
+    def _admit_joining(self) -> list[RequestOutput]:
+        """Move the requests waiting to join into the batch; their first outputs."""
+        joining, self._joining = self._joining, []
+        for req in joining:
+            self.scheduler.add_running(req)
+        return [self._joined(req) for req in joining]
+
+    def _forget_joining(self, req: Request) -> None:
+        if req in self._joining:
+            self._joining.remove(req)
 
     def drop_reserved(self, req: Request) -> None:
         """Abort a reservation that never started (transfer failed, deadline passed, client gone)."""

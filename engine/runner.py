@@ -317,6 +317,10 @@ class ModelRunner:
         """Whether decode steps may be launched ahead (device-fed decode graphs exist)."""
         return self.graphs is not None
 
+    def lookahead_pending(self) -> bool:
+        """Whether a lookahead step is in flight (launched, its logits not yet taken or dropped)."""
+        return self._ahead is not None
+
     def _matches(self, ahead: Lookahead, batch: ScheduledBatch) -> bool:
         """Whether ``batch`` is the step ``ahead`` computed: same requests in the same order, one
         token each at the predicted position, and that token the one fed on the device."""

@@ -297,6 +297,55 @@ def test_lookahead_decoding_keeps_outputs_and_is_used():
     assert [len(o) for o in outputs[True]][:3] == lengths[:3]
 
 
+def test_reserved_request_joins_after_the_lookahead_in_flight(monkeypatch):
+    """A request whose KV came from a prefill worker starts while a lookahead step is in flight:
+    that step is used (not thrown away), the request decodes from the step after, and every stream's
+    tokens equal a replay without lookahead that joins it at the same step."""
+    model = hf_model(GPU_LLAMA)
+    prompts = list(random_prompts(4, GPU_LLAMA["vocab_size"], 20, 40, seed=33).values())
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    # The joiner's KV as a prefill worker computes it: its prompt on an engine of its own.
+    source = _engine(GPU_LLAMA, _weights(model), torch.bfloat16)
+    source.hold_blocks_on_finish = True
+    prefilled = source.add_request(
+        "j", prompts[3], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    )
+    while source.has_unfinished():
+        source.step()
+    first_token, n_blocks = prefilled.output_token_ids[0], source.kv.blocks_needed(len(prompts[3]))
+    outputs, join_step = {}, None
+    for lookahead in (True, False):  # the lookahead run picks the moment, the other replays it
+        eng = _engine(GPU_LLAMA, _weights(model), torch.bfloat16)
+        if not lookahead:
+            real = eng.runner.execute
+            eng.runner.execute = lambda batch, lookahead=False, _real=real: _real(batch, lookahead=False)
+        reqs = [eng.add_request(f"r{i}", p, greedy) for i, p in enumerate(prompts[:3])]
+        joiner, steps, counts = None, 0, {}
+        while eng.has_unfinished():
+            outs = eng.step()
+            steps += 1
+            if joiner is not None and steps == join_step + 1:
+                assert [o.new_token_ids for o in outs if o.request_id == "j"] == [()]  # joined, no token yet
+                if lookahead:
+                    assert eng.runner.lookahead_counts == dict(counts, used=counts["used"] + 1)
+            pending = eng.runner._ahead is not None
+            if joiner is None and (steps == join_step or (lookahead and steps >= 8 and pending)):
+                join_step = steps
+                counts = dict(eng.runner.lookahead_counts)
+                joiner = eng.reserve("j", prompts[3], greedy)
+                eng.runner.kv_cache[:, :, joiner.block_ids[:n_blocks]] = source.runner.kv_cache[
+                    :, :, prefilled.block_ids[:n_blocks]
+                ]
+                with monkeypatch.context() as m:
+                    m.setattr(eng.runner, "lookahead_pending", lambda: True)  # the replay joins alike
+                    assert eng.start_reserved(joiner, first_token) is None
+            eng.check_integrity()
+        assert joiner is not None, "no lookahead was pending to join behind"
+        outputs[lookahead] = [list(r.output_token_ids) for r in [*reqs, joiner]]
+    assert outputs[True] == outputs[False]
+    assert outputs[True][3][0] == first_token and len(outputs[True][3]) == greedy.max_tokens
+
+
 def _compiled_variants() -> dict[str, int]:
     """Variants Triton has compiled in this process, per kernel of ``engine.kernels``."""
     import importlib
