@@ -30,6 +30,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 KV_TRANSPORTS = ("auto", "nccl", "gloo")
 ROUTING_POLICIES = ("cache-aware", "least-loaded", "round-robin")
+FIRST_TOKEN_SOURCES = ("prefill", "decode")
 SPECULATIVE_MODES = ("off", "ngram", "draft")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -284,6 +285,13 @@ class Settings:
         _optional(_parse_int),
         "Uncached prompt tokens below which decode prefills locally (auto: router default).",
         check=_at_least(0),
+    )
+    first_token_from: str = _setting(
+        "prefill",
+        _parse_lower,
+        "Who streams a split request's first token: prefill (the moment the prefill worker samples it)"
+        " or decode (when the decode worker starts the stream: a step later, then evenly spaced).",
+        check=_one_of(*FIRST_TOKEN_SOURCES),
     )
 
     def __post_init__(self) -> None:

@@ -1,13 +1,18 @@
 """Does disaggregation pay? Same ``long-mixed`` load (long prompts arriving among short chats) against:
 
   split       1 prefill + 1 decode worker (each on its own GPU), prefill steps of ``--split-chunk`` tokens
-              (the prefill worker has no decodes to keep smooth: larger steps prefill faster)
+              (the prefill worker has no decodes to keep smooth: larger steps prefill faster); the
+              client gets each first token the moment the prefill worker sampled it
+  split-decode-first
+              the same, with ``--first-token-from decode``: the first token reaches the client when the
+              decode worker starts the stream (a few ms later), so every gap the client sees is a decode step
   agg         2 aggregated replicas (decode workers that prefill locally), chunked prefill on:
               steps of at most ``--chunk`` tokens, decodes included
   agg-nochunk 2 aggregated replicas with chunked prefill off (a whole prompt in one step)
 
 Each configuration is a real ``baton serve``; the load is ``baton bench``. Reports p50/p99 ITL, TTFT
-and goodput per configuration, and the ratios the issue asks for. ``--step-trace`` also writes every
+and goodput per configuration, and the ratios the issue asks for; plots every configuration's ITL tail
+and TTFT CDF beside the JSON (``disagg.png``). ``--step-trace`` also writes every
 worker's per-step timings (engine/step_trace.py) next to the results.
 
     python benchmarks/disagg_bench.py --model dummy:llama-3.2-1b --rate 4 --num-prompts 120 --out disagg.json
@@ -26,12 +31,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+from baton.bench.plots import plot_configurations
+
 NO_CHUNK_TOKENS = 16384  # longer than any prompt of the load: a whole prompt in one step
 
 
 def config_args(name: str, chunk: int, split_chunk: int) -> list[str]:
     return {
         "split": ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(split_chunk)],
+        "split-decode-first": [
+            "--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(split_chunk), "--first-token-from", "decode",
+        ],
         "agg": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(chunk)],
         "agg-nochunk": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(NO_CHUNK_TOKENS)],
     }[name]
@@ -44,12 +54,12 @@ def free_port() -> int:
 
 
 def serve(model: str, extra: list[str], log: Path, step_trace: Path | None) -> tuple[subprocess.Popen, str]:
-    port, gport = free_port(), free_port()
+    port = free_port()
     out = open(log, "w")
     env = dict(os.environ)
     if step_trace is not None:
         env["BATON_STEP_TRACE"] = str(step_trace)
-    proc = subprocess.Popen([sys.executable, "-m", "baton", "serve", "--model", model, "--port", str(port), "--grpc-port", str(gport),
+    proc = subprocess.Popen([sys.executable, "-m", "baton", "serve", "--model", model, "--port", str(port), "--grpc-port", "0",
                              "--max-model-len", str(NO_CHUNK_TOKENS), *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -91,7 +101,7 @@ def main() -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=50)
     ap.add_argument("--chunk", type=int, default=512, help="step size of 'agg' (chunked prefill among decodes)")
     ap.add_argument("--split-chunk", type=int, default=2048, help="prefill step size of 'split' (its prefill worker)")
-    ap.add_argument("--configs", default="split,agg,agg-nochunk")
+    ap.add_argument("--configs", default="split,split-decode-first,agg,agg-nochunk")
     ap.add_argument("--step-trace", action="store_true", help="write each worker's per-step timings to steps-<config>/")
     ap.add_argument("--out", default="bench_results/disagg.json")
     args = ap.parse_args()
@@ -114,12 +124,14 @@ def main() -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
     keys = ("p99_itl_ms", "p99.9_itl_ms", "p90_itl_ms", "p50_itl_ms", "p99_ttft_ms", "request_goodput", "output_throughput", "completed", "failed")
     summary = {name: {k: r.get(k) for k in keys} for name, r in results.items()}
-    if "split" in summary and "agg" in summary:
-        summary["p99_itl_agg_over_split"] = summary["agg"]["p99_itl_ms"] / summary["split"]["p99_itl_ms"]
+    for split in ("split", "split-decode-first"):
+        if split in summary and "agg" in summary:
+            summary[f"p99_itl_agg_over_{split}"] = summary["agg"]["p99_itl_ms"] / summary[split]["p99_itl_ms"]
     if "agg" in summary and "agg-nochunk" in summary:
         summary["p99_itl_nochunk_over_chunk"] = summary["agg-nochunk"]["p99_itl_ms"] / summary["agg"]["p99_itl_ms"]
     summary["load"] = vars(args)
     Path(args.out).write_text(json.dumps(summary, indent=2))
+    plot_configurations(results, Path(args.out).with_suffix(".png"))
     print(json.dumps(summary, indent=2))
 
 

@@ -3,10 +3,15 @@
 Per sequence (one choice):
 1. ``place()`` picks decode worker D and maybe prefill worker P (policy + placement store);
 2. ``DecodeService.Reserve`` on D -> KVTarget (D's blocks for the prompt);
-3. split: ``PrefillService.PrefillStream(prompt, kv_target)`` on P -> the first token, yielded as soon
-   as P sampled it (its KV still in flight), then P's word that every KV block landed on D, then
-   ``DecodeService.Decode(first token)``; local: ``Decode(local_prefill=True)``;
+3. split: ``PrefillService.PrefillStream(prompt, kv_target)`` on P -> the first token (its KV still in
+   flight), then ``DecodeService.Decode(first token)`` on D (which waits for the KV itself), then P's
+   word that every KV block landed on D; local: ``Decode(local_prefill=True)``;
 4. the Decode stream's chunks become ``TokenEvent``s until one carries a finish reason.
+
+When the client sees a split request's first token is ``first_token_from``: ``prefill`` yields it the
+moment P sampled it (the lowest TTFT; the gap to the second token then spans the KV handoff and D's
+next step boundary), ``decode`` holds it until D's stream starts (its first chunk: the request has
+joined D's batch), so every gap the client sees is one of D's steps, at the price of that handoff in TTFT.
 
 Every call has a deadline. A full worker (RESOURCE_EXHAUSTED: no blocks or reservation slots now) is
 backpressure, not a fault: the sequence is placed on another worker, and when every worker is full it
@@ -55,6 +60,11 @@ class ClusterConfig:
     max_attempts: int = 3
     overload_wait_s: float = 60.0  # how long a sequence may wait for a full cluster to have room
     secret: str = field(default="", repr=False)  # shared secret the workers authenticate us with
+    first_token_from: str = "prefill"  # "prefill" | "decode": who streams a split request's first token
+
+    def __post_init__(self) -> None:
+        if self.first_token_from not in ("prefill", "decode"):
+            raise ValueError(f"first_token_from must be prefill or decode, got {self.first_token_from!r}")
 
 
 _KIND_BY_ERROR = {
@@ -294,6 +304,7 @@ class ClusterBackend:
             deadline_ms=_deadline_ms(cfg.decode_timeout_s),
         )
         call = None
+        held: TokenEvent | None = None  # P's first token, until D's stream starts (first_token_from=decode)
         if prefill is not None:
             active.prefill_address = prefill.address
             answers = self._prefill(request, prefill, worker_request_id, sampling, reserved.handle, metadata)
@@ -305,19 +316,23 @@ class ClusterBackend:
                     decode_req.first_token_logprob.CopyFrom(first.first_token_logprob)
                 if first.HasField("first_token_top_logprobs"):
                     decode_req.first_token_top_logprobs.CopyFrom(first.first_token_top_logprobs)
-                state.route_sent = True
-                yield TokenEvent(
+                held = TokenEvent(
                     token_ids=(first.first_token_id,),
                     logprobs=_first_logprobs(first),
                     num_cached_tokens=first.num_cached_tokens,
                     route=route,
                     timing=timing,
                 )
+                if cfg.first_token_from == "prefill":
+                    state.route_sent = True
+                    yield held
+                    held = None
                 # D waits for the KV itself and starts decoding the moment it lands, so ask it now:
                 # its second token then does not wait for P's acknowledgement and this round trip.
                 call = decode_stub.Decode(decode_req, timeout=cfg.decode_timeout_s, metadata=metadata)
-                # A failure from here on is retried like any other: the token above is kept and the
-                # next placement resumes from prompt + it (see generate()).
+                # A failure from here on is retried like any other: a token already yielded is kept
+                # and the next placement resumes from prompt + it (see generate()); a held one is not
+                # the client's yet, so the next placement starts over.
                 delivered = await anext(answers)  # every KV block landed on D
             except BaseException:
                 if call is not None:
@@ -343,7 +358,10 @@ class ClusterBackend:
                         d.worker_id,
                         False,
                     ) from None
-                if not state.route_sent:
+                if held is not None:  # D's first chunk: the request joined its batch
+                    event, held = _after(held, event), None
+                    state.route_sent = True
+                elif not state.route_sent:
                     state.route_sent = True
                     event = replace(event, route=route, timing=timing)
                 yield event
@@ -435,6 +453,18 @@ def _checked_result(
     if problem is not None:
         raise WorkerFailure(BackendErrorKind.INTERNAL, f"prefill worker {worker_id} {problem}", worker_id, False)
     return result
+
+
+def _after(first: TokenEvent, event: TokenEvent) -> TokenEvent:
+    """``event`` (D's first chunk) led by the held ``first`` token, which keeps the first event's fields."""
+    return replace(
+        event,
+        token_ids=first.token_ids + event.token_ids,
+        logprobs=first.logprobs + event.logprobs,
+        num_cached_tokens=first.num_cached_tokens,
+        route=first.route,
+        timing=first.timing,
+    )
 
 
 def _first_logprobs(result: worker_pb2.PrefillResult):

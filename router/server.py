@@ -48,6 +48,7 @@ class ServerSettings:
     policy: str
     local_prefill_threshold: int
     otlp_endpoint: str = ""  # BATON_OTLP_ENDPOINT: request traces as OpenTelemetry spans
+    first_token_from: str = "prefill"  # BATON_FIRST_TOKEN_FROM (see router.cluster_backend)
 
 
 def parse_workers(spec: str) -> tuple[tuple[str, WorkerRole], ...]:
@@ -112,6 +113,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         policy=s.routing_policy,
         local_prefill_threshold=64 if s.local_prefill_threshold is None else s.local_prefill_threshold,
         otlp_endpoint=s.otlp_endpoint,
+        first_token_from=s.first_token_from,
     )
 
 
@@ -121,7 +123,11 @@ async def serve(s: ServerSettings) -> None:
         RedisPlacementStore.from_url(s.redis_url) if s.redis_url else EmbeddedPlacementStore()
     )
     cluster = ClusterConfig(
-        s.model_fingerprint, s.block_size, s.max_model_len, vocab_size=tokenizer.vocab_size
+        s.model_fingerprint,
+        s.block_size,
+        s.max_model_len,
+        vocab_size=tokenizer.vocab_size,
+        first_token_from=s.first_token_from,
     )
     backend = ClusterBackend(cluster, store, make_policy(s.policy, s.local_prefill_threshold))
     config = RouterConfig(s.served_model_name, max_model_len=s.max_model_len, otlp_endpoint=s.otlp_endpoint)

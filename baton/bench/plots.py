@@ -2,11 +2,12 @@
 
 - ``plot_latency_cdfs``: empirical CDFs of TTFT and ITL for one run.
 - ``plot_sweep``: output throughput and p99 latencies against the swept rate (or concurrency).
+- ``plot_configurations``: several configurations under the same load, side by side (ITL tails, TTFT CDFs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,4 +96,32 @@ def plot_sweep(results: Sequence[dict], path: Path) -> Path:
         ax.set_xticks(xs, labels)
         ax.set_xlabel(axis_name)
         ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_configurations(results: Mapping[str, dict], path: Path) -> Path:
+    """Each configuration's ITL tail (the fraction of gaps longer than x, log scale: p99 is where a
+    curve crosses 0.01) and TTFT CDF, one curve per configuration, from the results' raw arrays."""
+    fig = Figure(figsize=(11, 4))
+    ax_itl, ax_ttft = fig.subplots(1, 2)
+    for name, result in results.items():
+        itls = np.sort([gap * 1000.0 for request_itls in result["itls"] for gap in request_itls])
+        if itls.size:
+            above = 1.0 - np.arange(1, itls.size + 1) / itls.size
+            ax_itl.step(itls[:-1], above[:-1], where="post", label=f"{name} (p99 {np.percentile(itls, 99):.1f} ms)")
+        ttfts = np.sort([t * 1000.0 for t in result["ttfts"] if t is not None])
+        if ttfts.size:
+            ax_ttft.step(ttfts, np.arange(1, ttfts.size + 1) / ttfts.size, where="post", label=name)
+    ax_itl.set_xscale("log")
+    ax_itl.set_xlim(left=1.0)  # gaps under a millisecond are events of one step, not latency
+    ax_itl.set_yscale("log")
+    ax_itl.axhline(0.01, linestyle="--", color="grey")
+    ax_itl.set_title("inter-token latency: fraction of gaps longer than x")
+    ax_ttft.set_title("time to first token: CDF")
+    for ax in (ax_itl, ax_ttft):
+        ax.set_xlabel("milliseconds")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    any_result = next(iter(results.values()), {})
+    fig.suptitle(f"{any_result.get('dataset_name', '')} · rate {any_result.get('request_rate')}")
     return _save(fig, path)

@@ -24,6 +24,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--routing-policy", default=None, help="cache-aware | least-loaded | round-robin")
+    p.add_argument(
+        "--first-token-from", default=None, choices=["prefill", "decode"],
+        help="who streams a split request's first token (default prefill: lowest TTFT; decode: evenly spaced tokens)",
+    )  # fmt: skip
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks per worker (default: from memory)")
     p.add_argument("--speculative", default=None, choices=["off", "ngram", "draft"], help="speculative decoding on decode workers")
@@ -40,7 +44,7 @@ def _settings(args: argparse.Namespace):
         model=args.model, dtype=args.dtype, num_prefill=args.num_prefill, num_decode=args.num_decode, host=args.host,
         http_port=args.port, grpc_port=args.grpc_port, redis_url=args.redis_url, block_size=args.block_size,
         max_model_len=args.max_model_len, routing_policy=args.routing_policy, gpus_per_worker=args.gpus_per_worker,
-        dashboard=args.dashboard, speculative=args.speculative,
+        dashboard=args.dashboard, speculative=args.speculative, first_token_from=args.first_token_from,
     )
 
 

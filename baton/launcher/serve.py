@@ -131,7 +131,7 @@ async def serve(opts: ServeOptions) -> int:
         if dummy:
             tokenizer.cover_ids(first["vocab_size"])  # every sampled id streams as text
         backend = ClusterBackend(
-            ClusterConfig(first["fingerprint"], first["block_size"], first["max_model_len"], vocab_size=first["vocab_size"], secret=secret),
+            ClusterConfig(first["fingerprint"], first["block_size"], first["max_model_len"], vocab_size=first["vocab_size"], secret=secret, first_token_from=s.first_token_from),
             store,
             make_policy(s.routing_policy, 64 if s.local_prefill_threshold is None else s.local_prefill_threshold),
         )

@@ -100,7 +100,7 @@ async def run_router(s: Settings, fingerprint: str | None) -> int:
         await asyncio.sleep(2.0)
     threshold = 64 if s.local_prefill_threshold is None else s.local_prefill_threshold
     backend = ClusterBackend(
-        ClusterConfig(first.model_fingerprint, first.block_size, first.max_model_len, vocab_size=tokenizer.vocab_size, secret=s.resolved_secret()),
+        ClusterConfig(first.model_fingerprint, first.block_size, first.max_model_len, vocab_size=tokenizer.vocab_size, secret=s.resolved_secret(), first_token_from=s.first_token_from),
         store, make_policy(s.routing_policy, threshold),
     )
     config = RouterConfig(first.model_name or source.name, max_model_len=first.max_model_len, otlp_endpoint=s.otlp_endpoint)

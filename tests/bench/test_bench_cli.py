@@ -9,6 +9,7 @@ from conftest import Behaviour
 from matplotlib.image import imread
 
 from baton.bench.cli import add_arguments, add_parser, run
+from baton.bench.plots import plot_configurations
 
 DOCUMENTED_FIELDS = (
     "duration completed failed total_input_tokens total_output_tokens request_throughput output_throughput "
@@ -170,3 +171,14 @@ def test_registers_as_a_subcommand():
     args = parser.parse_args(["bench", "--request-rate", "2", "--num-prompts", "5"])
     assert args.command == "bench" and args.func is run
     assert (args.request_rate, args.num_prompts, args.endpoint) == ("2", 5, "completions")
+
+
+def test_configurations_plot_draws_every_configuration(tmp_path):
+    # One result per configuration under the same load (disagg_bench.py): ITL tails and TTFT CDFs.
+    result = {"dataset_name": "long-mixed", "request_rate": 10.0}
+    results = {
+        "smooth": dict(result, itls=[[0.006] * 50, [0.007] * 50], ttfts=[0.1, 0.2]),
+        "stalling": dict(result, itls=[[0.006] * 48 + [0.2, 0.3], []], ttfts=[0.1, None]),
+    }
+    path = plot_configurations(results, tmp_path / "disagg.png")
+    assert_png(path)

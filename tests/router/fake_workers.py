@@ -25,6 +25,9 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
     reserve_error_calls: int | None = None  # refuse only this many calls (None: every call)
     die_after_chunks: int | None = None  # abort the Decode stream with UNAVAILABLE after this many chunks
     hang: bool = False  # never send a chunk
+    # Like a real decode worker, start a split request's stream with a tokenless chunk once it joins
+    # the batch; when an Event, only once it is set.
+    joins: bool | asyncio.Event = False
     reserve_calls: int = 0
     reservations: dict[str, worker_pb2.ReserveRequest] = field(default_factory=dict)
     decodes: list[worker_pb2.DecodeRequest] = field(default_factory=list)
@@ -56,6 +59,15 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
             await asyncio.sleep(3600)
         s = reservation.sampling
         done = len(reservation.output_token_ids) + (1 if request.HasField("first_token_id") else 0)
+        if self.joins and not request.local_prefill:
+            if isinstance(self.joins, asyncio.Event):
+                await self.joins.wait()
+            joined = common_pb2.TokenChunk(num_prompt_tokens=len(reservation.prompt_token_ids))
+            if done >= s.max_tokens:  # the first token already ended it
+                joined.finish_reason = common_pb2.FINISH_REASON_LENGTH
+            yield worker_pb2.DecodeResponse(chunk=joined)
+            if done >= s.max_tokens:
+                return
         for n_chunk, i in enumerate(range(done, s.max_tokens)):
             if self.die_after_chunks is not None and n_chunk >= self.die_after_chunks:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker going away")

@@ -150,6 +150,65 @@ async def test_decode_is_asked_before_the_prefill_worker_acknowledges_the_kv(clu
     assert events[0].timing.transfer_ms == 0.0
 
 
+async def test_first_token_from_decode_waits_for_the_decode_stream(cluster: Cluster) -> None:
+    # first_token_from=decode: P's token reaches the client with D's first chunk (the request joined
+    # D's batch), so the gap to the second token is one of D's steps, not the KV handoff.
+    joined = asyncio.Event()
+    await cluster.add(FakeDecode("d0", joins=joined))
+    await cluster.add(FakePrefill("p0"))
+    stream = backend(cluster, first_token_from="decode").generate(req(max_tokens=4, logprobs=True))
+    first = asyncio.create_task(anext(stream))
+    for _ in range(500):
+        if cluster.workers["d0"].decodes:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert cluster.workers["d0"].decodes and not first.done()  # P answered; D has not started
+    joined.set()
+    event = await asyncio.wait_for(first, 30)
+    assert event.token_ids == (TOKEN_BASE,) and event.logprobs[0].logprob == -0.25
+    assert event.route.decision == "split" and event.num_cached_tokens == 16 and event.timing is not None
+    rest = [ev async for ev in stream]
+    assert [t for ev in [event, *rest] for t in ev.token_ids] == [TOKEN_BASE + i for i in range(4)]
+    assert [lp.logprob for ev in rest for lp in ev.logprobs] == [-0.5] * 3
+    assert rest[-1].finish_reason == FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("first_token_from", ["prefill", "decode"])
+async def test_first_token_from_either_side_streams_each_token_once(
+    cluster: Cluster, first_token_from: str
+) -> None:
+    await cluster.add(FakeDecode("d0", joins=True))
+    await cluster.add(FakePrefill("p0"))
+    b = backend(cluster, first_token_from=first_token_from)
+    for max_tokens in (1, 5):
+        events = await collect(b, req(max_tokens=max_tokens, rid=f"r{max_tokens}"))
+        assert [t for ev in events for t in ev.token_ids] == [TOKEN_BASE + i for i in range(max_tokens)]
+        assert events[0].token_ids == (TOKEN_BASE,) and events[0].route.prefill_worker == "p0"
+        assert events[-1].finish_reason == FinishReason.LENGTH
+
+
+async def test_held_first_token_is_not_kept_when_the_decode_worker_fails_before_starting(
+    cluster: Cluster,
+) -> None:
+    # The held token was never the client's: the next placement starts over (a prefill again), it
+    # does not resume from prompt + that token.
+    await cluster.add(FakeDecode("d0", die_after_chunks=0))
+    await cluster.add(FakeDecode("d1", joins=True))
+    await cluster.add(FakePrefill("p0"))
+    b = backend(cluster, policy=RoundRobinPolicy(), first_token_from="decode")
+    events = await collect(b, req(max_tokens=4))
+    assert [t for ev in events for t in ev.token_ids] == [TOKEN_BASE + i for i in range(4)]
+    assert events[0].route.decode_worker == "d1"
+    assert len(cluster.workers["p0"].prefills) == 2
+    assert not cluster.workers["d1"].decodes[0].local_prefill
+
+
+def test_first_token_from_is_checked() -> None:
+    with pytest.raises(ValueError, match="first_token_from"):
+        ClusterConfig(model_fingerprint=FP, block_size=4, max_model_len=4096, first_token_from="router")
+
+
 async def test_split_trace_gets_the_transfer_time_after_the_first_token(cluster: Cluster) -> None:
     await cluster.add(FakeDecode("d0"))
     await cluster.add(FakePrefill("p0"))

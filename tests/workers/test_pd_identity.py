@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from baton.pd_driver import PDDriver
 from baton.v1 import common_pb2
 from engine.llm import LLM
 from engine.sampling.params import SamplingParams
+from router.backend import GenerateRequest, SamplingOptions
+from router.cluster_backend import ClusterBackend, ClusterConfig
+from router.placement import EmbeddedPlacementStore, WorkerRole
+from router.policy import CacheAwarePolicy
+from router.registrar import WorkerRegistrar
 from tests.workers.cluster import SECRET, WorkerProcess
 
 # Prompt lengths around block (4) and chunk (7) boundaries, plus a long one.
@@ -65,3 +72,46 @@ def test_first_token_can_end_the_request(pair):
     res = drv.run(f"{model}-one", _prompts(llm, model)[0], common_pb2.SamplingParams(temperature=0.0, max_tokens=1))
     assert res.error is None and len(res.token_ids) == 1 and res.finish_reason == common_pb2.FINISH_REASON_LENGTH
     d.wait_idle_and_clean()
+
+
+@pytest.mark.parametrize("first_token_from", ["prefill", "decode"])
+def test_router_streams_the_same_tokens_whoever_sends_the_first(pair, first_token_from):
+    # The router's split path over the real workers: with first_token_from=decode the first token
+    # waits for the decode worker's first chunk (the request joined its batch), and nothing is lost
+    # or doubled either way, including when that first token ends the request.
+    model, p, d, llm = pair
+    if model != "dummy:tiny-llama":
+        pytest.skip("one model is enough for the router's part")
+    prompts = _prompts(llm, model)[-4:]
+    ref = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))]
+    got = asyncio.run(_generate_through_router(p, d, prompts, first_token_from))
+    assert got[: len(prompts)] == ref
+    assert got[len(prompts) :] == [r[:1] for r in ref]  # max_tokens=1: P's token, once
+    p.wait_idle_and_clean()
+    d.wait_idle_and_clean()
+
+
+async def _generate_through_router(p, d, prompts, first_token_from: str) -> list[list[int]]:
+    info = d.info()
+    store = EmbeddedPlacementStore()
+    registrar = WorkerRegistrar(store, secret=SECRET)
+    assert await registrar.poll_once([(d.address, WorkerRole.DECODE), (p.address, WorkerRole.PREFILL)]) == 2
+    config = ClusterConfig(
+        info.model_fingerprint, info.block_size, info.max_model_len, secret=SECRET, first_token_from=first_token_from
+    )
+    backend = ClusterBackend(config, store, CacheAwarePolicy(local_prefill_threshold=0))
+    out = []
+    try:
+        for max_tokens in (12, 1):
+            for i, prompt in enumerate(prompts):
+                request = GenerateRequest(
+                    f"router-{first_token_from}-{max_tokens}-{i}",
+                    tuple(prompt),
+                    SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                )
+                events = [event async for event in backend.generate(request)]
+                assert events[0].route.decision == "split" and events[-1].finish_reason is not None
+                out.append([t for event in events for t in event.token_ids])
+    finally:
+        await backend.close()
+    return out

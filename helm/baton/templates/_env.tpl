@@ -63,6 +63,8 @@ Args:
 - name: BATON_LOCAL_PREFILL_THRESHOLD
   value: {{ $v.router.localPrefillThreshold | int | quote }}
 {{- end }}
+- name: BATON_FIRST_TOKEN_FROM
+  value: {{ $v.router.firstOutputFrom | quote }}
 {{- end }}
 {{- if or $isWorker .launcher }}
 {{- include "baton.workerEnv" (dict "ctx" .ctx "workerRole" .workerRole) }}
