@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -49,6 +49,7 @@ class ServerSettings:
     local_prefill_threshold: int
     otlp_endpoint: str = ""  # BATON_OTLP_ENDPOINT: request traces as OpenTelemetry spans
     first_token_from: str = "prefill"  # BATON_FIRST_TOKEN_FROM (see router.cluster_backend)
+    secret: str = field(default="", repr=False)  # BATON_SECRET(_FILE): the workers authenticate us with it
 
 
 def parse_workers(spec: str) -> tuple[tuple[str, WorkerRole], ...]:
@@ -114,19 +115,23 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         local_prefill_threshold=64 if s.local_prefill_threshold is None else s.local_prefill_threshold,
         otlp_endpoint=s.otlp_endpoint,
         first_token_from=s.first_token_from,
+        secret=s.resolved_secret(),
     )
 
 
 async def serve(s: ServerSettings) -> None:
     tokenizer = Tokenizer.from_dir(s.tokenizer_dir)
     store: PlacementStore = (
-        RedisPlacementStore.from_url(s.redis_url) if s.redis_url else EmbeddedPlacementStore()
+        RedisPlacementStore.from_url(s.redis_url, password=s.redis_password or None)
+        if s.redis_url
+        else EmbeddedPlacementStore()
     )
     cluster = ClusterConfig(
         s.model_fingerprint,
         s.block_size,
         s.max_model_len,
         vocab_size=tokenizer.vocab_size,
+        secret=s.secret,
         first_token_from=s.first_token_from,
     )
     backend = ClusterBackend(cluster, store, make_policy(s.policy, s.local_prefill_threshold))
@@ -149,7 +154,7 @@ async def serve(s: ServerSettings) -> None:
         port = await grpc_server.start(f"{s.host}:{s.grpc_port}")
         log.info("router serving HTTP on %s:%d and gRPC on %s:%d", s.host, s.http_port, s.host, port)
         if s.workers:
-            registrar = WorkerRegistrar(store, on_info=app.state.metrics.workers.observe)  # cluster view
+            registrar = WorkerRegistrar(store, secret=s.secret, on_info=app.state.metrics.workers.observe)
             tasks.append(asyncio.create_task(registrar.poll(s.workers)))
         await stop.wait()
     finally:

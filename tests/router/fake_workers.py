@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from baton.grpc_auth import auth_metadata
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 TOKEN_BASE = 100
@@ -28,12 +29,20 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
     # Like a real decode worker, start a split request's stream with a tokenless chunk once it joins
     # the batch; when an Event, only once it is set.
     joins: bool | asyncio.Event = False
+    secret: str = ""  # when set, calls without the shared-secret token are refused, as real workers do
     reserve_calls: int = 0
     reservations: dict[str, worker_pb2.ReserveRequest] = field(default_factory=dict)
     decodes: list[worker_pb2.DecodeRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
 
+    async def _authenticate(self, context) -> None:
+        if self.secret and dict(context.invocation_metadata()).get("authorization") != dict(
+            auth_metadata(self.secret)
+        ).get("authorization"):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared-secret token")
+
     async def Reserve(self, request, context):
+        await self._authenticate(context)
         self.reserve_calls += 1
         refusing = self.reserve_error_calls is None or self.reserve_calls <= self.reserve_error_calls
         if self.reserve_error is not None and refusing:
@@ -48,6 +57,7 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
         return worker_pb2.ReserveResponse(handle=handle)
 
     async def Decode(self, request, context):
+        await self._authenticate(context)
         self.decodes.append(request)
         reservation = self.reservations.get(request.request_id)
         if reservation is None:
@@ -91,6 +101,7 @@ class FakeDecode(worker_pb2_grpc.DecodeServiceServicer):
         return worker_pb2.AbortResponse(found=self.reservations.pop(request.request_id, None) is not None)
 
     async def GetInfo(self, request, context):
+        await self._authenticate(context)
         return info(
             self.worker_id, common_pb2.WORKER_ROLE_DECODE, self.address, num_running=len(self.reservations)
         )

@@ -37,8 +37,14 @@ async def wait_until(check, timeout_s: float = 20.0) -> None:
 async def test_router_process(tokenizer_dir, tokenizer, tmp_path: Path) -> None:
     http_port, grpc_port = free_port(), free_port()
     log_file = (tmp_path / "router.log").open("wb")  # a file, not a pipe: a full pipe would block it
-    async with WorkerServer(FakeDecode("d0")) as worker:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "BATON_ROUTING_POLICY": "least-loaded"}
+    # The worker refuses callers without the shared secret, as real workers do.
+    async with WorkerServer(FakeDecode("d0", secret="router-test-secret")) as worker:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "BATON_ROUTING_POLICY": "least-loaded",
+            "BATON_SECRET": "router-test-secret",
+        }
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "router", "--tokenizer", str(tokenizer_dir), "--served-model-name", "m",
             "--model-fingerprint", "fp", "--max-model-len", "256", "--block-size", "4", "--http-port", str(http_port),
@@ -91,7 +97,8 @@ def test_parse_args_reads_shared_settings_and_flags(tokenizer_dir) -> None:
         16,
     )
     assert s.workers == (("h:1", WorkerRole.DECODE), ("h:2", WorkerRole.PREFILL))
-    assert s.policy == "cache-aware" and s.redis_url is None
+    assert s.policy == "cache-aware" and s.redis_url is None and s.secret == ""
+    assert parse_args(["--model-fingerprint", "fp"], {**env, "BATON_SECRET": "x"}).secret == "x"
     with pytest.raises(SystemExit):  # no max model len anywhere
         parse_args(["--model-fingerprint", "fp", "--tokenizer", str(tokenizer_dir)], {})
     with pytest.raises(SystemExit):
