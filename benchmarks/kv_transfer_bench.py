@@ -82,10 +82,11 @@ def _plan(args) -> list[dict]:
         {"name": "polled", "mib": default_mib, "pattern": "contiguous", "how": "poll", "count": per_config}
     )
     # As a prefill worker sends: queued right behind the step that writes the KV (a GPU busy-wait of
-    # --compute-ms stands in for it), timed from the moment that step ends.
-    plan.append(
-        {"name": "behind-compute", "mib": default_mib, "pattern": "contiguous", "how": "wait", "count": per_config}
-    )
+    # --compute-ms stands in for it), timed from the moment that step ends; at the default message
+    # size ("behind-compute", the headline's row) and any other --behind-mib.
+    for mib in dict.fromkeys([default_mib, *args.behind_mib]):
+        name = "behind-compute" if mib == default_mib else f"behind-compute-{mib}"
+        plan.append({"name": name, "mib": mib, "pattern": "contiguous", "how": "wait", "count": per_config})
     for name in ("trace", "trace-behind"):
         plan.append({"name": name, "mib": default_mib, "pattern": "contiguous", "how": "wait", "count": TRACED})
     for pattern in PATTERNS:
@@ -329,7 +330,7 @@ def run_sender(args) -> None:
                 group_timeout=120,
             )
         src, times = src_by_pattern[config["pattern"]], []
-        behind = config["name"] in ("behind-compute", "trace-behind") and device.type == "cuda"
+        behind = config["name"].startswith(("behind-compute", "trace-behind")) and device.type == "cuda"
         for _ in range(config["count"]):
             handle = handles[cursor]
             cursor += 1
@@ -449,6 +450,9 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=128, help="2048 tokens / block size 16")
     parser.add_argument("--message-mib", type=int, nargs="+", default=[32, 64, 80, 128, 256])
+    parser.add_argument(
+        "--behind-mib", type=int, nargs="*", default=[], help="more message sizes for the behind-compute row"
+    )
     parser.add_argument("--raw-sizes-mib", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)

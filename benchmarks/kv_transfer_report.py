@@ -81,7 +81,7 @@ def _headline(rows: list[dict], raw_same: dict | None) -> dict | None:
     message_mib = default_mib()
     waited = [
         r for r in rows
-        if r["pattern"] == "contiguous" and r["completion"] == "wait" and r["group"] != "behind-compute"
+        if r["pattern"] == "contiguous" and r["completion"] == "wait" and not r["group"].startswith("behind-compute")
     ]
     row = next((r for r in waited if r["message_mib"] == message_mib), waited[0] if waited else None)
     if row is None:
@@ -133,7 +133,7 @@ def print_table(args, report: dict) -> None:
     for row in report["ours"]:
         what = f"ours, {row['pattern']}, {row['message_mib']} MiB msgs"
         what += ", polled" if row["completion"] == "poll" else ""
-        what += ", behind compute" if row["group"] == "behind-compute" else ""
+        what += ", behind compute" if row["group"].startswith("behind-compute") else ""
 
         def ratio(side: str, row=row) -> str:
             value = row[f"{side}_ratio_to_raw"]
