@@ -18,6 +18,11 @@ seeing the last byte in place. Variants, each adding one thing to the one before
   gather first  the whole piece gathered before the first message
   zero-copy     no gather: 64 messages of 4 MiB straight from the cache (one per layer, K and V),
                 batched into one NCCL group
+  block-major   what a block-major cache ([blocks, layers, 2, ...]) would allow: a request's
+                consecutive blocks are one contiguous range across every layer, so each message (a
+                range of blocks, all layers) is sent straight from the cache; the receiver lands each
+                message into its cache with a host-issued copy once it saw it complete
+  block-major queued   the same with the receiver's copies queued behind the receives
 
 Prints the median of ``--iters`` runs per variant, and its ratio to ``raw``.
 """
@@ -34,7 +39,10 @@ import torch
 import torch.distributed as dist
 
 MiB = 1 << 20
-VARIANTS = ("raw", "messages", "+gather", "+scatter", "host scatter", "gather first", "zero-copy")
+VARIANTS = (
+    "raw", "messages", "+gather", "+scatter", "host scatter", "gather first", "zero-copy",
+    "block-major", "block-major queued",
+)  # fmt: skip
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -52,6 +60,15 @@ class Setup:
         self.staging = torch.empty(args.num_layers * self.layer_bytes, dtype=torch.uint8, device=self.device)
         self.slab = self.staging.view(torch.int64).view(args.num_layers, 2, args.num_blocks, -1)
         self.cycles = self._cycles_for(args.compute_ms)
+        # The same blocks in a block-major cache: [blocks, words of every layer's K and V].
+        self.blocks_major = torch.empty(3 * args.num_blocks, self.words[:, :, 0].numel(), dtype=torch.int64, device=self.device)
+        self.block_staging = self.staging.view(torch.int64).view(args.num_blocks, -1)
+
+    def block_ranges(self) -> list[tuple[int, int]]:
+        """Block ranges of the messages of a block-major piece: the same bytes per message as ``messages``."""
+        n, layers, per_message = self.args.num_blocks, self.args.num_layers, self.args.message_layers
+        per = max(1, n * per_message // layers)
+        return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
 
     def _cycles_for(self, ms: float) -> int:
         probe = 10_000_000
@@ -75,6 +92,9 @@ class Setup:
 
 
 def _send(setup: Setup, variant: str) -> list:
+    if variant.startswith("block-major"):
+        base = setup.first
+        return [dist.isend(setup.blocks_major[base + lo : base + hi], 1) for lo, hi in setup.block_ranges()]
     if variant == "zero-copy":
         ops = [
             dist.P2POp(dist.isend, setup.cache_layers(layer, layer + 1)[0, kv], 1)
@@ -93,6 +113,16 @@ def _send(setup: Setup, variant: str) -> list:
 
 
 def _receive(setup: Setup, variant: str) -> None:
+    if variant.startswith("block-major"):
+        ranges, base = setup.block_ranges(), setup.first
+        works = [dist.irecv(setup.block_staging[lo:hi], 0) for lo, hi in ranges]
+        for work, (lo, hi) in zip(works, ranges, strict=True):
+            if variant == "block-major":
+                while not work.is_completed():
+                    time.sleep(0)
+            work.wait()
+            setup.blocks_major[base + lo : base + hi].copy_(setup.block_staging[lo:hi])
+        return
     if variant == "zero-copy":
         ops = [
             dist.P2POp(dist.irecv, setup.slab[layer, kv], 0)
