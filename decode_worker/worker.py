@@ -20,7 +20,7 @@ from engine.spec_decode import SpecConfig, build_spec_decoder
 from kv_transfer.base import KVLayout, KVReceiver, TransferHandle, TransferState
 
 log = logging.getLogger(__name__)
-POLL_S = 0.0005  # KV-landed polling interval while a Decode call waits
+CHECK_S = 0.05  # while a Decode call waits for its KV: how often it checks its caller and deadline
 
 
 def make_receiver(transport: str, kv_cache, secret: str, worker_id: str, host: str, port: int, loopback_hub=None) -> KVReceiver:
@@ -140,7 +140,8 @@ class DecodeWorker:
         handle = res.handle
         limit = min(deadline or float("inf"), res.deadline)
         while True:
-            state = self.receiver.poll(handle)
+            # Woken the moment the transfer ends; the timeout only bounds the checks below.
+            state = self.receiver.wait(handle, max(0.0, min(CHECK_S, limit - time.time())))
             if state == TransferState.SUCCESS:
                 waited = time.monotonic() - res.created
                 self.kv_transfer_metrics.on_success(waited, len(handle.block_ids) * self.layout.block_bytes)
@@ -155,7 +156,6 @@ class DecodeWorker:
                 raise Refused("DEADLINE_EXCEEDED", "KV did not arrive before the reservation's deadline")
             if not is_active():
                 raise Refused("ABORTED", "caller went away", retryable=False)
-            time.sleep(POLL_S)
 
     def _start(self, request_id: str, first_token: int | None, first_logprob) -> RequestOutput | None:
         res = self.reservations.start(request_id, first_token, first_logprob)

@@ -220,6 +220,12 @@ class KVReceiver(ABC):
         """Current state; SUCCESS means every reserved block holds the sender's bytes."""
 
     @abstractmethod
+    def wait(self, handle: TransferHandle, timeout: float) -> TransferState:
+        """Block until the transfer is terminal or ``timeout`` seconds passed; the state then.
+
+        Wakes as soon as the state changes (no polling interval added to the caller's latency)."""
+
+    @abstractmethod
     def error(self, handle: TransferHandle) -> str | None:
         """Why the transfer FAILED, else None."""
 

@@ -89,6 +89,9 @@ class LoopbackReceiver(KVReceiver):
     def poll(self, handle: TransferHandle) -> TransferState:
         return self._table.poll(handle)
 
+    def wait(self, handle: TransferHandle, timeout: float) -> TransferState:
+        return self._table.wait(handle, timeout)
+
     def error(self, handle: TransferHandle) -> str | None:
         return self._table.error(handle)
 
