@@ -37,11 +37,10 @@ NO_CHUNK_TOKENS = 16384  # longer than any prompt of the load: a whole prompt in
 
 
 def config_args(name: str, chunk: int, split_chunk: int) -> list[str]:
+    split = ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(split_chunk)]
     return {
-        "split": ["--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(split_chunk)],
-        "split-decode-first": [
-            "--num-prefill", "1", "--num-decode", "1", "--prefill-chunk", str(split_chunk), "--first-token-from", "decode",
-        ],
+        "split": split,
+        "split-decode-first": [*split, "--first-token-from", "decode"],
         "agg": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(chunk)],
         "agg-nochunk": ["--num-prefill", "0", "--num-decode", "2", "--prefill-chunk", str(NO_CHUNK_TOKENS)],
     }[name]

@@ -263,8 +263,9 @@ def _copy_ceilings(args, kv_cache, src_by_pattern: dict, device) -> dict:
     return out
 
 
-def _cycles_for(ms: float, device) -> int:
-    """GPU clock cycles that ``torch.cuda._sleep`` needs to busy-wait ``ms`` milliseconds (measured)."""
+def cycles_for(ms: float) -> int:
+    """GPU clock cycles that ``torch.cuda._sleep`` needs to busy-wait ``ms`` milliseconds on the current
+    device (measured); also used by kv_transfer_ceiling.py."""
     import torch
 
     probe = 10_000_000
@@ -316,7 +317,7 @@ def run_sender(args) -> None:
     ]
     tracer = trace.tracer_for(plan, handles)
     tracer.install_sender()
-    compute_cycles = _cycles_for(args.compute_ms, device) if device.type == "cuda" else 0
+    compute_cycles = cycles_for(args.compute_ms) if device.type == "cuda" else 0
     senders: dict[int, DistKVSender] = {}  # one per message size, each with its own link
     results, started, cursor = [], [], 0
     for config in plan:

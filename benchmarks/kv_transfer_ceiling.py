@@ -37,8 +37,8 @@ import time
 
 import torch
 import torch.distributed as dist
+from kv_transfer_bench import cycles_for  # this folder: the script's own (sys.path[0])
 
-MiB = 1 << 20
 VARIANTS = (
     "raw", "messages", "+gather", "+scatter", "host scatter", "gather first", "zero-copy",
     "block-major", "block-major queued",
@@ -50,7 +50,7 @@ class Setup:
     """One rank's cache, staging buffer and stand-in step."""
 
     def __init__(self, args, rank: int) -> None:
-        self.args, self.rank = args, rank
+        self.args = args
         self.device = torch.device(f"cuda:{rank}")
         shape = (args.num_layers, 2, 3 * args.num_blocks, args.block_size, args.num_kv_heads, args.head_dim)
         cache = torch.randn(shape, device=self.device).to(torch.bfloat16)
@@ -59,9 +59,10 @@ class Setup:
         self.layer_bytes = 2 * args.num_blocks * cache[0, 0, 0].numel() * cache.element_size()
         self.staging = torch.empty(args.num_layers * self.layer_bytes, dtype=torch.uint8, device=self.device)
         self.slab = self.staging.view(torch.int64).view(args.num_layers, 2, args.num_blocks, -1)
-        self.cycles = self._cycles_for(args.compute_ms)
+        self.cycles = cycles_for(args.compute_ms)
         # The same blocks in a block-major cache: [blocks, words of every layer's K and V].
-        self.blocks_major = torch.empty(3 * args.num_blocks, self.words[:, :, 0].numel(), dtype=torch.int64, device=self.device)
+        block_words = self.words[:, :, 0].numel()
+        self.blocks_major = torch.empty(3 * args.num_blocks, block_words, dtype=torch.int64, device=self.device)
         self.block_staging = self.staging.view(torch.int64).view(args.num_blocks, -1)
 
     def block_ranges(self) -> list[tuple[int, int]]:
@@ -69,16 +70,6 @@ class Setup:
         n, layers, per_message = self.args.num_blocks, self.args.num_layers, self.args.message_layers
         per = max(1, n * per_message // layers)
         return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
-
-    def _cycles_for(self, ms: float) -> int:
-        probe = 10_000_000
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(probe)
-        start.record()
-        torch.cuda._sleep(probe)
-        end.record()
-        end.synchronize()
-        return int(probe * ms / start.elapsed_time(end))
 
     def cache_layers(self, lo: int, hi: int) -> torch.Tensor:
         return self.words[lo:hi, :, self.first : self.first + self.args.num_blocks]

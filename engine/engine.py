@@ -286,8 +286,8 @@ class LLMEngine:
         step is in flight. That step computes the current batch's next tokens already; adding a row
         now would throw it away and make every stream wait for it and then for the step that
         replaces it (two steps' time). So the request joins after that step instead (``_joining``),
-        and its first output comes with that step's outputs: it decodes one step later, the others
-        lose nothing."""
+        and its first output comes with that step's outputs: it decodes one step later, and the
+        others keep the step in flight (only the step it joins runs without a lookahead)."""
         if first_token is None:
             req.transition(RequestStatus.RUNNING)
             self.scheduler.add_running(req)
