@@ -2,7 +2,9 @@
 
 The servicer only translates: proto in -> the same validation, prompt preparation and generation
 pipeline the HTTP front end uses -> proto out. ``RouterError`` maps to a gRPC status in one place
-(``_STATUS``). Health is NOT_SERVING until the backend reports a worker that can serve.
+(``_STATUS``). Health is NOT_SERVING until the backend reports a worker that can serve; ``Check``
+asks the backend at the moment of the call (so it agrees with HTTP ``/health``), ``Watch`` streams
+the state a poller refreshes.
 """
 
 from __future__ import annotations
@@ -223,6 +225,18 @@ def _responses(
     return out
 
 
+class _LiveHealthServicer(health.aio.HealthServicer):
+    """``Check`` refreshes the status from ``refresh`` first; a poll alone would lag up to its period."""
+
+    def __init__(self, refresh) -> None:
+        super().__init__()
+        self._refresh = refresh
+
+    async def Check(self, request, context):  # noqa: N802 - the gRPC method's name
+        await self._refresh()
+        return await super().Check(request, context)
+
+
 class RouterGrpcServer:
     """A running gRPC server: RouterService + grpc.health.v1 + reflection on ``address``."""
 
@@ -232,7 +246,7 @@ class RouterGrpcServer:
         self._server = grpc.aio.server()
         self._backend = backend
         self._poll_interval_s = poll_interval_s
-        self.health = health.aio.HealthServicer()
+        self.health = _LiveHealthServicer(self._update_health)
         router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = (

@@ -204,6 +204,24 @@ async def test_health_not_serving_until_a_worker_registers(tokenizer) -> None:
         await backend.close()
 
 
+async def test_health_check_answers_from_the_backend_at_the_moment_asked(tokenizer) -> None:
+    """No poll in between (its period is an hour here): Check and HTTP /health never disagree."""
+    backend = FakeBackend(tokenizer, is_ready=False)
+    server = create_grpc_server(CONFIG, backend, tokenizer, RouterMetrics(CONFIG.served_model_name), 3600)
+    port = await server.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="")
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            backend.is_ready = True
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+            backend.is_ready = False
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop(0)
+
+
 async def test_reflection_lists_the_service(api: Api) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(api.channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")
