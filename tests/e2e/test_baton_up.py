@@ -21,6 +21,8 @@ def ray_head():
     assert not ray_processes(), f"Ray already running here: {ray_processes()}"
     port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token")
+    # A head with token auth needs a token; a fresh machine has none until one is generated.
+    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60, env=env)
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
                     "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=env)
     yield f"127.0.0.1:{port}"
