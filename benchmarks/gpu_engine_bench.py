@@ -356,7 +356,7 @@ def bench_model(res: dict, args, copy_gbs: float, save) -> None:
     start = time.perf_counter()
     engine = build_engine(
         weights.hf_config, weights.tensors, dtype=DTYPE, device="cuda",
-        cache=CacheConfig(block_size=16, gpu_memory_utilization=args.gpu_memory_utilization),
+        cache=CacheConfig(block_size=16, gpu_memory_utilization=args.gpu_memory_utilization, layout=args.kv_layout),
         scheduler=SchedulerConfig(max_num_seqs=c_n, max_num_batched_tokens=args.max_num_batched_tokens),
         max_model_len=args.max_model_len,
     )  # fmt: skip
@@ -489,6 +489,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    ap.add_argument("--kv-layout", default="auto", choices=["auto", "block-major", "layer-major"], help="how the KV cache is stored")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-models", default="", help="run the HF peers only for these shapes (default: all)")
     ap.add_argument("--profile", action="store_true", help="time the parts of a decode step (diagnostics)")

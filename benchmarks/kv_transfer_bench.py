@@ -7,9 +7,11 @@ bf16, block size 16 -> 128 blocks, 256 MiB) from cuda:0 (sender, rank 0) to cuda
 Two processes, one per GPU.
 
 - Raw NCCL: back-to-back ``send``/``recv`` of N contiguous bytes on a standalone 2-rank ProcessGroupNCCL
-  (the same group options as the transport), timed on the sender from the call to the end of a sync.
-- Ours: ``NcclKVSender.send`` of blocks gathered from the sender's paged cache into blocks reserved in
-  the receiver's paged cache. Two times per transfer, both from the moment ``send`` is called:
+  (the same group options as the transport), timed on the sender from the call to the end of a sync,
+  before and again after our transfers; ratios use the median of both sets of samples.
+- Ours: ``NcclKVSender.send`` of blocks of the sender's paged cache into blocks reserved in the
+  receiver's paged cache, both stored as ``--layout`` says (default block-major, as the engine's GPU
+  cache: consecutive source blocks leave straight from the cache). Two times per transfer, both from the moment ``send`` is called:
   *receiver* = until the receiver's ``poll`` says SUCCESS (every block in its cache: the time a decode
   worker waits), *sender* = until the sender's ``poll`` says SUCCESS (the receiver's answer came back).
   Block ids are either one contiguous run ("contiguous") or a random set ("scattered").
@@ -64,8 +66,16 @@ def _low_timer_slack() -> None:
         pass
 
 
-def _cache_shape(args, num_blocks: int) -> tuple[int, ...]:
-    return (args.num_layers, 2, num_blocks, args.block_size, args.num_kv_heads, args.head_dim)
+def _cache(args, num_blocks: int, device):
+    """A zeroed bf16 paged cache stored as ``--layout`` says (the engine's GPU cache: block-major)."""
+    import torch
+
+    from engine.kv_cache.storage import allocate_kv_cache
+
+    return allocate_kv_cache(
+        args.num_layers, num_blocks, args.block_size, args.num_kv_heads, args.head_dim,
+        dtype=torch.bfloat16, device=device, block_major=args.layout == "block-major",
+    )  # fmt: skip
 
 
 def _plan(args) -> list[dict]:
@@ -143,14 +153,15 @@ def block_fingerprint(kv_cache, block_ids) -> int:
 # ----------------------------------------------------------------------------------------- raw NCCL
 
 
-def raw_nccl(args, rank: int, device) -> list[dict]:
+def raw_nccl(args, rank: int, device, prefix: str = "raw/") -> list[dict]:
+    """Back-to-back send/recv of each ``--raw-sizes-mib`` on a group of its own: every sample (s)."""
     import torch
     import torch.distributed as dist
 
     from kv_transfer.pair import Backend, make_group, teardown_group
 
     store = dist.TCPStore("127.0.0.1", args.store_port, None, False, datetime.timedelta(seconds=60))
-    group = make_group(Backend(args.backend, device), store, "raw/", rank, "127.0.0.1", 60.0)
+    group = make_group(Backend(args.backend, device), store, prefix, rank, "127.0.0.1", 60.0)
     results = []
     for size in args.raw_sizes_mib:
         buffer = torch.ones(size * MiB, dtype=torch.uint8, device=device)
@@ -168,17 +179,34 @@ def raw_nccl(args, rank: int, device) -> list[dict]:
             step()
             _sync(device)
             times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        results.append({"bytes": size * MiB, "median_s": median, "gb_per_s": size * MiB / median / 1e9})
+        results.append({"bytes": size * MiB, "samples_s": times})
     teardown_group(group)
     return results
+
+
+def pooled_raw(before: list[dict], after: list[dict]) -> list[dict]:
+    """Raw NCCL timed before and after our transfers, pooled: the reference moves between runs by as
+    much as the margin we measure, so it is sampled on both sides of them, and both halves reported."""
+    out = []
+    for first, second in zip(before, after, strict=True):
+        samples = first["samples_s"] + second["samples_s"]
+        median = statistics.median(samples)
+        out.append(
+            {
+                "bytes": first["bytes"],
+                "median_s": median,
+                "gb_per_s": first["bytes"] / median / 1e9,
+                "median_before_s": statistics.median(first["samples_s"]),
+                "median_after_s": statistics.median(second["samples_s"]),
+            }
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------ our transport
 
 
 def run_receiver(args) -> None:
-    import torch
 
     from kv_transfer.dist_receiver import DistKVReceiver
     from kv_transfer.wire import handle_to_kv_target
@@ -190,7 +218,7 @@ def run_receiver(args) -> None:
     # so its data can still be checked after the later groups ran.
     shared = 2 * args.num_blocks + 16
     total_blocks = shared + len(plan) * args.num_blocks
-    kv_cache = torch.zeros(_cache_shape(args, total_blocks), dtype=torch.bfloat16, device=device)
+    kv_cache = _cache(args, total_blocks, device)
     receiver = DistKVReceiver(kv_cache, backend=args.backend, secret=SECRET, group_timeout=120)
     rng = random.Random(1)
     handles, hows, checked = [], [], []
@@ -219,6 +247,7 @@ def run_receiver(args) -> None:
         success_at.append(time.time())
     states = [receiver.poll(h).value for h in handles]
     fingerprints = [block_fingerprint(kv_cache, handle.block_ids) for handle in checked]
+    raw = pooled_raw(raw, raw_nccl(args, 1, device, "raw-after/"))
     _emit(
         {
             "raw": raw,
@@ -236,7 +265,7 @@ def _copy_ceilings(args, kv_cache, src_by_pattern: dict, device) -> dict:
     import torch
 
     from kv_transfer.base import gather_blocks
-    from kv_transfer.blocks import BlockMover, block_words
+    from kv_transfer.blocks import BlockMover, CacheBlocks, as_words
 
     def timed(fn) -> float:
         for _ in range(3):
@@ -248,15 +277,15 @@ def _copy_ceilings(args, kv_cache, src_by_pattern: dict, device) -> dict:
         _sync(device)
         return (time.perf_counter() - start) / args.iters
 
-    piece = torch.empty(_cache_shape(args, args.num_blocks), dtype=kv_cache.dtype, device=device)
+    piece = gather_blocks(kv_cache, src_by_pattern["contiguous"])  # block-major, as it travels
     other = torch.empty_like(piece)
     out = {"plain_copy_s": timed(lambda: other.copy_(piece))}
-    cache_words = block_words(kv_cache)
-    piece_words = block_words(piece, cache_words.dtype)
+    cache_words = CacheBlocks(kv_cache).words
+    piece_words = as_words(piece, cache_words.dtype)
     for pattern, src in src_by_pattern.items():
         mover = BlockMover(src, device)
         out[f"gather_{pattern}_s"] = timed(
-            lambda m=mover: m.gather(cache_words, piece_words, 0, args.num_layers)
+            lambda m=mover: m.gather(cache_words, piece_words, 0, args.num_blocks)
         )
         out[f"index_select_{pattern}_s"] = timed(lambda s=src: gather_blocks(kv_cache, s))
     out["bytes"] = piece.numel() * piece.element_size()
@@ -300,9 +329,8 @@ def run_sender(args) -> None:
     raw = raw_nccl(args, 0, device)
     total_blocks = args.num_blocks + 64
     generator = torch.Generator(device=device).manual_seed(0)
-    kv_cache = torch.randn(_cache_shape(args, total_blocks), generator=generator, device=device).to(
-        torch.bfloat16
-    )
+    kv_cache = _cache(args, total_blocks, device)
+    kv_cache.copy_(torch.randn(kv_cache.shape, generator=generator, device=device))
     rng = random.Random(2)
     src_by_pattern = {
         "contiguous": list(range(64, 64 + args.num_blocks)),  # not the receiver's ids: a real gather/scatter
@@ -362,6 +390,7 @@ def run_sender(args) -> None:
         )
     for sender in senders.values():
         sender.close()
+    raw = pooled_raw(raw, raw_nccl(args, 0, device, "raw-after/"))
     ceilings = _copy_ceilings(args, kv_cache, src_by_pattern, device)
     _emit(
         {
@@ -444,6 +473,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--compute-ms", type=float, default=2.0, help="the stand-in step before each behind-compute transfer"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=["block-major", "layer-major"],
+        default="block-major",
+        help="how both paged caches are stored (the engine's GPU cache: block-major)",
     )
     parser.add_argument("--num-layers", type=int, default=32)
     parser.add_argument("--num-kv-heads", type=int, default=8)

@@ -129,7 +129,8 @@ def print_table(args, report: dict) -> None:
     print(f"{'what':<40}{'bytes':>11}{'ms':>9}{'GB/s':>8}{'ratio':>7}{'sender ms':>11}{'ratio':>7}")
     for row in report["raw_nccl"]:
         what = f"raw {args.backend} send/recv"
-        print(f"{what:<40}{row['bytes']:>11}{row['median_s'] * 1e3:>9.3f}{row['gb_per_s']:>8.1f}")
+        spread = f"  (before ours {row['median_before_s'] * 1e3:.3f} ms, after {row['median_after_s'] * 1e3:.3f} ms)"
+        print(f"{what:<40}{row['bytes']:>11}{row['median_s'] * 1e3:>9.3f}{row['gb_per_s']:>8.1f}{spread}")
     for row in report["ours"]:
         what = f"ours, {row['pattern']}, {row['message_mib']} MiB msgs"
         what += ", polled" if row["completion"] == "poll" else ""

@@ -113,7 +113,7 @@ class Tracer:
         self.wrap(ReservationTable, "accept_header", lambda _, h, *a, **k: h.handle_id, None, "header ok")
         self.wrap(_Connection, "_wait", lambda _, w, h, d: h.handle_id, None, "message in", numbered=True)
         self.wrap(
-            ReservationTable, "land_layers", ticket_key, None, lambda _, t, lo, hi: f"layers {hi} issued"
+            ReservationTable, "land_blocks", ticket_key, None, lambda _, t, lo, hi: f"blocks {hi} issued"
         )
         self.wrap(ReservationTable, "complete_piece", ticket_key, None, "piece landed")
 

@@ -11,6 +11,7 @@ from engine.attention.base import AttentionMetadata, get_attention_backend
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, model_fingerprint
 from engine.engine import LLMEngine
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.storage import allocate_kv_cache
 from engine.models import model_class
 from engine.models.llama import LlamaForCausalLM
 from engine.runner import DEFAULT_MAX_GRAPH_BATCH, ModelRunner
@@ -130,6 +131,16 @@ def profile_step_peak(
     return prefill_peak + decode_peak
 
 
+def _block_major(layout: str, attn, device) -> bool:
+    """Resolve ``CacheConfig.layout``: block-major on a GPU where the backend reads it (a request's
+    consecutive blocks are then one range of memory, sent to another worker with no gather)."""
+    if layout == "auto":
+        return torch.device(device).type == "cuda" and attn.reads_block_major
+    if layout == "block-major" and not attn.reads_block_major:
+        raise ValueError(f"the {attn.name!r} attention backend cannot read a block-major KV cache")
+    return layout == "block-major"
+
+
 def _step_peak(model, cfg: ModelConfig, block_size: int, attn, query_lens: list[int]) -> int:
     device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
@@ -211,22 +222,17 @@ def build_engine(
     config = EngineConfig(
         cfg, replace(cache, num_blocks=num_blocks), scheduler, dt, device, attention_backend, seed
     )
-    kv_cache = torch.zeros(
-        cfg.num_layers,
-        2,
-        num_blocks,
-        cache.block_size,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        dtype=dt,
-        device=device,
-    )
+    attn = get_attention_backend(attention_backend, device)
+    kv_cache = allocate_kv_cache(
+        cfg.num_layers, num_blocks, cache.block_size, cfg.num_kv_heads, cfg.head_dim,
+        dtype=dt, device=device, block_major=_block_major(cache.layout, attn, device),
+    )  # fmt: skip
     fingerprint = model_fingerprint(cfg, dt, cache.block_size, weights_id)
     kv = KVCacheManager(num_blocks, cache.block_size, fingerprint, cache.enable_prefix_caching)
     runner = ModelRunner(
         model,
         kv_cache,
-        get_attention_backend(attention_backend, device),
+        attn,
         cache.block_size,
         Sampler(seed),
         max_graph_batch=min(DEFAULT_MAX_GRAPH_BATCH, scheduler.max_num_batched_tokens),

@@ -131,6 +131,17 @@ class CacheConfig:
     # Fraction of free accelerator memory the cache may take (GPU); on CPU a byte budget is used.
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_bytes: int = 1 << 30
+    # How the cache is stored (engine/kv_cache/storage.py): "auto" is block-major on a GPU with an
+    # attention backend that reads it (a request's blocks then leave for another worker with no
+    # gather), else layer-major; "block-major" / "layer-major" force one.
+    layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.layout not in KV_LAYOUTS:
+            raise ValueError(f"CacheConfig.layout {self.layout!r} is not one of {KV_LAYOUTS}")
+
+
+KV_LAYOUTS = ("auto", "block-major", "layer-major")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Moving KV blocks between workers: ``KVSender`` / ``KVReceiver`` over loopback, gloo or nccl.
 
 Map: ``base`` (contract, descriptors, poll states) · ``wire`` (control framing, HMAC handshake,
-headers) · ``blocks`` (layer-range gathers and scatters of cache blocks) · ``staging`` (reusable piece
+headers) · ``blocks`` (block-range copies between a cache and a block-major piece, or none: messages
+straight from a block-major cache) · ``staging`` (reusable piece
 buffers, their views, the send / land schedules) · ``reservations`` (receiver bookkeeping and
 descriptor checks, shared by all transports) · ``pair`` (standalone 2-rank process groups,
 deadline-bounded waits) · ``dist_sender`` / ``sender_link`` / ``dist_receiver`` (the torch.distributed

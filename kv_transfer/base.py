@@ -13,24 +13,26 @@ KV cache layout (engine/attention/base.py), one tensor for all layers::
 
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
 
-A piece gathers ``kv_cache[:, :, src_block_ids]`` into one contiguous tensor of shape
-``[num_layers, 2, n, block_size, num_kv_heads, head_dim]``, moves it as raw bytes in large messages,
-and scatters it into ``kv_cache[:, :, dst_block_ids]`` on arrival. Transports may pipeline this a few
-layers at a time (gather the next layers while earlier ones are on the wire, scatter the layers a
-message completes while the next message arrives).
+(its storage may be layer-major or block-major, engine/kv_cache/storage.py). A piece is
+``kv_cache[:, :, src_block_ids]`` block-major, ``[n, num_layers, 2, block_size, num_kv_heads,
+head_dim]`` contiguous: moved as raw bytes in large messages of whole blocks, and scattered into
+``kv_cache[:, :, dst_block_ids]`` on arrival. Transports may pipeline this a few blocks at a time
+(gather the next message's blocks while earlier ones are on the wire, or send them straight from a
+block-major cache; land the blocks a message completes while the next message arrives).
 
 Invariants every transport keeps:
 - No byte lands in a destination block before the piece's descriptor was validated against the
   reservation (request id, handle id, block ids, layer count, dtype, shape).
-- Only bytes the sender sent land, whole layers of whole blocks at a time; with a checksum, none land
+- Only bytes the sender sent land, whole blocks at a time; with a checksum, none land
   before the whole piece is verified. Without one, a piece that fails mid-way may leave some reserved
   blocks written: the reservation is then FAILED, and a FAILED reservation's blocks hold no valid KV
   (the caller frees them and never reads them as a prompt's cache).
 - Blocks outside the reservation are never written.
 - After ``KVReceiver.release(handle)`` returns, no further byte of that transfer is written to the cache,
   so the caller may free and reuse the blocks.
-- After ``KVSender.send`` returns, the source blocks have been copied (in stream order on CUDA), so the
-  caller may reuse them.
+- A sender may read the source blocks after ``send`` returns (straight from the cache, on CUDA in
+  stream order after the caller's work queued before ``send``). The caller keeps them unchanged and
+  allocated until ``KVSender.release(handle)`` has returned; after that nothing reads them.
 - Every wait has a deadline: a silent or dead peer turns into FAILED, never a hang.
 """
 
@@ -115,8 +117,8 @@ class KVLayout:
         return DTYPES[self.dtype]
 
     def piece_shape(self, num_blocks: int) -> tuple[int, ...]:
-        """Shape of the contiguous tensor holding ``num_blocks`` blocks of every layer."""
-        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        """Shape of the contiguous (block-major) tensor holding ``num_blocks`` blocks of every layer."""
+        return (num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
     def block_bytes(self) -> int:
@@ -170,7 +172,8 @@ class KVSender(ABC):
         """Queue one piece: source blocks ``src_block_ids`` -> ``handle.block_ids[dst_block_offset:][:n]``.
 
         With ``last`` the done marker follows the piece; ``src_block_ids`` may then be empty (a bare
-        done marker). Returns once the blocks are copied out of ``kv_cache``. Raises ``ValueError``
+        done marker). Returns once the piece is queued; the source blocks may be read until
+        ``release(handle)`` returned, so keep them as they are till then. Raises ``ValueError``
         for arguments that cannot be right (ids out of range, layout mismatch, piece after ``last``).
         """
 
@@ -184,7 +187,11 @@ class KVSender(ABC):
 
     @abstractmethod
     def release(self, handle: TransferHandle) -> None:
-        """Forget a transfer (after SUCCESS or FAILED, or to give up on it)."""
+        """Forget a transfer (after SUCCESS or FAILED, or to give up on it).
+
+        Once it returns, nothing reads the transfer's source blocks any more: it waits (briefly) for
+        sends still reading them, and cuts the link off if they do not finish.
+        """
 
     @abstractmethod
     def close(self) -> None:
@@ -250,15 +257,15 @@ def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> tup
 
 
 def gather_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
-    """One contiguous ``[num_layers, 2, n, block_size, heads, head_dim]`` copy of the chosen blocks."""
+    """One contiguous block-major ``[n, num_layers, 2, block_size, heads, head_dim]`` copy of the blocks."""
     index = torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
-    return kv_cache.index_select(2, index).contiguous()
+    return kv_cache.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()
 
 
 def scatter_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int], piece: torch.Tensor) -> None:
-    """Write a gathered piece into ``kv_cache[:, :, block_ids]`` (in place)."""
+    """Write a block-major piece into ``kv_cache[:, :, block_ids]`` (in place)."""
     index = torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
-    kv_cache.index_copy_(2, index, piece)
+    kv_cache.index_copy_(2, index, piece.permute(1, 2, 0, 3, 4, 5))
 
 
 def check_piece(

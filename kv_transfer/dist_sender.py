@@ -1,19 +1,23 @@
 """Sender over ``torch.distributed`` point-to-point (gloo or nccl), one group per receiver.
 
-Where the time goes in a transfer of a few hundred MiB is host-side calls before the first byte moves,
-not the copies, so the common path makes as few as it can. When the receiver's link is connected and
-idle, ``send`` itself does it all, in the caller's thread and on the caller's current stream:
+Where the time goes in a transfer of a few hundred MiB is host-side calls before the first byte moves
+and copies beside the wire, so the common path makes as few of both as it can. When the receiver's
+link is connected and idle, ``send`` itself does it all, in the caller's thread and on the caller's
+current stream:
 
 1. the piece's header, built from its shape alone, leaves on the control socket, so the receiver posts
-   its receives while the sender gathers;
-2. the piece is gathered into a reusable staging buffer (``StagingPool``; the views of a piece size
-   are cut once), a layer chunk at a time (one strided copy per chunk for a run of consecutive ids);
-3. right behind each chunk, the sends of the messages it completes are posted (each NCCL send waits
-   for the stream up to its own chunk).
+   its receives while the sender gets the bytes ready;
+2. per message (whole blocks, ``staging.message_blocks``): on a block-major cache whose blocks for the
+   message are consecutive, the message *is* that range of the cache, sent with no copy; otherwise the
+   blocks are gathered into a reusable staging buffer (``StagingPool``; the views of a piece size are
+   cut once), one copy per run of consecutive ids;
+3. right behind, the message's send is posted (each NCCL send waits for the stream up to its own
+   gather, or up to the caller's work that wrote the blocks).
 
-``send`` returns once everything is issued; the gathers run on the caller's stream, so reusing the
-source blocks afterwards is safe in stream order. A checksum needs every byte before the header, so a
-checksummed piece is gathered whole first.
+``send`` returns once everything is issued. Sends straight from the cache read it until they complete,
+so the caller keeps the source blocks until ``release`` returned, which waits for such sends (or cuts
+the link off). A checksum needs every byte before the header, so a checksummed piece is gathered whole
+first.
 
 Otherwise (first piece to a receiver, or pieces already queued) ``send`` gathers the whole piece into
 a buffer of its own and queues it; the link thread (kv_transfer/sender_link.py) connects and posts
@@ -31,16 +35,20 @@ import torch
 import torch.distributed as dist
 
 from kv_transfer.base import KVLayout, KVSender, TransferHandle, TransferState, check_piece
-from kv_transfer.blocks import BlockMover, aligned_message_bytes, block_words, layer_bytes
+from kv_transfer.blocks import BlockMover, CacheBlocks, aligned_message_bytes
 from kv_transfer.pair import Backend
 from kv_transfer.sender_link import Job, Link, Outgoing, SenderConnection
-from kv_transfer.staging import PieceViews, Staging, StagingPool, sender_steps
+from kv_transfer.staging import PieceViews, Staging, StagingPool, message_blocks
 from kv_transfer.wire import CHECKSUMS, Checksum, as_secret, checksum, piece_header
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DistKVSender", "SenderConnection"]
 # Big enough that a message's fixed cost is small, small enough that the first gather and the last
-# scatter (the only copies not hidden behind the wire) stay short.
-DEFAULT_MAX_MESSAGE_BYTES = 80 << 20
+# landing copy (the only copies not hidden behind the wire) stay short. 64 MiB was at least as fast
+# as 80 MiB in every measured run behind a step (BENCHMARKS.md, KV transfer), block- or layer-major.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# How long ``release`` waits for a transfer's sends still reading the cache before it cuts the link
+# off: a live receiver answers within milliseconds (it drains even refused pieces).
+RELEASE_WAIT_S = 0.5
 
 
 class DistKVSender(KVSender):
@@ -71,7 +79,7 @@ class DistKVSender(KVSender):
         self._links: dict[str, Link] = {}
         self._closed = False
         self._pool = StagingPool(self.backend.device)
-        self._words: tuple[torch.Tensor, torch.Tensor] | None = None  # (cache, its block words)
+        self._blocks: CacheBlocks | None = None  # the last cache sent from, as the copies see it
 
     def send(self, handle, src_block_ids, kv_cache, *, dst_block_offset=0, last=True) -> None:
         src = check_piece(handle, src_block_ids, kv_cache, dst_block_offset)
@@ -124,6 +132,9 @@ class DistKVSender(KVSender):
             if outgoing is not None and not outgoing.state.is_terminal:
                 outgoing.state, outgoing.error = TransferState.FAILED, "released by the sender"
                 self._settled.notify_all()
+            link = self._links.get(handle.address) if outgoing is not None and outgoing.reads_cache else None
+        if link is not None:  # its sends may still read the caller's blocks, which are freed next
+            link.stop_reading(outgoing, RELEASE_WAIT_S)
 
     def close(self) -> None:
         with self._lock:
@@ -156,53 +167,57 @@ class DistKVSender(KVSender):
 
     # ------------------------------------------------------------------------------ gather + post
 
-    def cache_words(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """The cache seen as block words (``blocks.block_words``), computed once per cache tensor.
+    def cache_blocks(self, kv_cache: torch.Tensor) -> CacheBlocks:
+        """The cache as the copies see it (``blocks.CacheBlocks``), computed once per cache tensor.
 
         Keyed by the tensor object: a worker passes the same cache tensor to every ``send`` (and
-        never resizes it in place); another tensor simply costs the two views again.
+        never resizes it in place); another tensor simply costs the views again.
         """
-        cached = self._words
-        if cached is not None and cached[0] is kv_cache:
-            return cached[1]
-        words = block_words(kv_cache)
-        self._words = (kv_cache, words)
-        return words
+        cached = self._blocks
+        if cached is not None and cached.cache is kv_cache:
+            return cached
+        self._blocks = CacheBlocks(kv_cache)
+        return self._blocks
 
-    def framing(self, layout: KVLayout, num_blocks: int) -> tuple[tuple[int, ...], int, int, int, int]:
-        """``(shape, payload_bytes, message_bytes, num_messages, one_layer)`` of a piece, as its header says."""
+    def framing(self, layout: KVLayout, num_blocks: int) -> tuple[tuple[int, ...], int, int, int]:
+        """``(shape, payload_bytes, message_bytes, num_messages)`` of a piece, as its header says."""
         shape = layout.piece_shape(num_blocks)
-        one_layer = layer_bytes(shape, layout.element_size)
         payload_bytes = num_blocks * layout.block_bytes
-        message_bytes = min(aligned_message_bytes(self.max_message_bytes, one_layer), payload_bytes)
-        return shape, payload_bytes, message_bytes, -(-payload_bytes // message_bytes), one_layer
+        message_bytes = min(aligned_message_bytes(self.max_message_bytes, layout.block_bytes), payload_bytes)
+        return shape, payload_bytes, message_bytes, -(-payload_bytes // message_bytes)
 
     def post_piece(
         self, job: Job, kv_cache: torch.Tensor, connection: SenderConnection, deadline: float
     ) -> tuple[list[dist.Work], Staging, PieceViews]:
-        """The direct path: header first, then per layer chunk one gather and the sends it completes."""
+        """The direct path: header first, then per message its bytes (straight from a block-major
+        cache where its blocks are consecutive there, else gathered) and its send."""
         handle, src = job.outgoing.handle, job.src
         layout, device = handle.layout, self.backend.device
-        shape, payload, message_bytes, num_messages, one_layer = self.framing(layout, len(src))
-        dtype, num_layers = layout.torch_dtype, layout.num_layers
+        shape, payload, message_bytes, num_messages = self.framing(layout, len(src))
+        dtype = layout.torch_dtype
         staging = self._pool.acquire()
         try:
             views = staging.views(payload, message_bytes, num_messages)
-            words = self.cache_words(kv_cache)
-            word = words.dtype
+            cache = self.cache_blocks(kv_cache)
+            word, mover = cache.words.dtype, BlockMover(src, device)
             if self.checksum != Checksum.CHECKSUM_ALGORITHM_NONE:  # the digest needs every byte first
-                slab = views.slab(shape, dtype, word, 0, num_layers)
-                BlockMover(src, device).gather(words, slab, 0, num_layers)
+                mover.gather(cache.words, views.slab(shape, dtype, word, 0, len(src)), 0, len(src))
                 digest = checksum(self.checksum, views.flat)
                 connection.send_header(self._header(job, message_bytes, digest), deadline)
                 works = connection.post_messages(views.messages)
             else:
                 connection.send_header(self._header(job, message_bytes), deadline)
-                mover, works = BlockMover(src, device), []
-                for lo, hi, ready in sender_steps(payload, message_bytes, one_layer, num_layers):
-                    mover.gather(words, views.slab(shape, dtype, word, lo, hi), lo, hi)
-                    # Each NCCL send waits for the current stream as it is now: for this chunk, not later ones.
-                    works += connection.post_messages(views.messages, ready)
+                works = []
+                plan = message_blocks(payload, message_bytes, layout.block_bytes, len(src))
+                for tag, (lo, hi) in enumerate(plan):
+                    message = mover.direct(cache, lo, hi)
+                    if message is None:
+                        mover.gather(cache.words, views.slab(shape, dtype, word, lo, hi), lo, hi)
+                        message = views.messages[tag]
+                    else:
+                        job.outgoing.reads_cache = True
+                    # Each NCCL send waits for the current stream as it is now: for its own gather.
+                    works.append(connection.post_message(message, tag))
         except BaseException:
             # Never hand it out again, and free it only after the copies queued into it ran.
             self._pool.discard(staging)
@@ -221,11 +236,11 @@ class DistKVSender(KVSender):
         ``job.gathered`` (on a GPU) orders the link thread's sends after the gather.
         """
         layout = job.outgoing.handle.layout
-        shape, payload, message_bytes, num_messages, _ = self.framing(layout, len(job.src))
-        words = self.cache_words(kv_cache)
+        shape, payload, message_bytes, num_messages = self.framing(layout, len(job.src))
+        cache = self.cache_blocks(kv_cache)
         views = Staging(self.backend.device).views(payload, message_bytes, num_messages)
-        slab = views.slab(shape, layout.torch_dtype, words.dtype, 0, layout.num_layers)
-        BlockMover(job.src, self.backend.device).gather(words, slab, 0, layout.num_layers)
+        slab = views.slab(shape, layout.torch_dtype, cache.words.dtype, 0, len(job.src))
+        BlockMover(job.src, self.backend.device).gather(cache.words, slab, 0, len(job.src))
         job.views, job.message_bytes = views, message_bytes
         if self.backend.device.type == "cuda":
             job.gathered = torch.cuda.Event()

@@ -2,9 +2,9 @@
 
 Flow for one piece: ``accept_header`` validates the descriptor against the reservation and returns a
 ``PieceTicket`` (the staging tensor to receive into); the transport fills it. Then either ``land``
-verifies the checksum and scatters the whole piece, or (no checksum) ``land_layers`` scatters the
-layers each message completes while later messages are still arriving, and ``complete_piece`` marks
-the piece landed once every scatter finished. ``finish`` handles the done marker.
+verifies the checksum and lands the whole piece, or (no checksum) ``land_blocks`` lands the blocks
+each message completes while later messages are still arriving, and ``complete_piece`` marks the
+piece landed once every landing copy finished. ``finish`` handles the done marker.
 
 Thread-safety: one table lock guards the dict and every reservation's fields. Scatters are issued
 under the reservation's own lock, which ``release`` also takes; ``release`` then waits for the stream
@@ -32,7 +32,7 @@ from kv_transfer.base import (
     TransferState,
     check_block_ids,
 )
-from kv_transfer.blocks import BlockMover, block_words
+from kv_transfer.blocks import BlockMover, CacheBlocks
 from kv_transfer.staging import PieceViews, Staging
 from kv_transfer.wire import Checksum, checksum
 
@@ -64,10 +64,10 @@ class PieceTicket:
     handle_id: str
     header: kv_transfer_pb2.TransferHeader
     positions: range  # indices into the reservation's block ids
-    staging: torch.Tensor  # the piece, [num_layers, 2, n, block_size, heads, head_dim]
+    staging: torch.Tensor  # the piece, [n, num_layers, 2, block_size, heads, head_dim]
     deadline: float  # the reservation's: the bytes must arrive before it
-    mover: BlockMover  # scatters staging layers into the destination blocks
-    views: PieceViews  # the staging bytes: messages and layer slabs
+    mover: BlockMover  # copies staging blocks into the destination blocks
+    views: PieceViews  # the staging bytes: messages and block slabs
     shape: tuple[int, ...]
     stream: torch.cuda.Stream | None  # where the scatters are issued (a GPU cache only)
 
@@ -83,7 +83,7 @@ class ReservationTable:
         self._settled = threading.Condition(self._lock)  # notified when a reservation turns terminal
         self._reservations: dict[str, _Reservation] = {}
         self.max_payload_bytes = kv_cache.numel() * kv_cache.element_size()  # no piece is larger
-        self.cache_words = block_words(kv_cache)  # what scatters write into, seen once
+        self.cache_words = CacheBlocks(kv_cache).words  # what landings write into, seen once
         self._word = self.cache_words.dtype
 
     # ---------------------------------------------------------------------------- the worker's side
@@ -208,15 +208,15 @@ class ReservationTable:
             if checksum(header.checksum_algorithm, ticket.views.flat) != header.checksum:
                 self.fail(ticket.handle_id, f"checksum mismatch in piece {header.piece_index}")
                 raise TransferError("TRANSFER_FAILED", f"checksum mismatch in piece {header.piece_index}")
-        self.land_layers(ticket, 0, self.layout.num_layers)
+        self.land_blocks(ticket, 0, len(ticket.positions))
         self.complete_piece(ticket)
 
-    def land_layers(self, ticket: PieceTicket, lo: int, hi: int) -> None:
-        """Scatter layers ``[lo, hi)`` of the staging tensor into the reserved blocks.
+    def land_blocks(self, ticket: PieceTicket, lo: int, hi: int) -> None:
+        """Copy piece blocks ``[lo, hi)`` of the staging tensor into their reserved blocks.
 
-        On a GPU the scatter is issued on the ticket's stream (which must be the current one) and not
+        On a GPU the copy is issued on the ticket's stream (which must be the current one) and not
         waited for; ``complete_piece`` (or ``release``) waits. Only for pieces without a checksum may
-        layers land before the whole piece arrived: a piece that then fails leaves some reserved
+        blocks land before the whole piece arrived: a piece that then fails leaves some reserved
         blocks written, and the reservation FAILED (its blocks are the caller's to free, never read as
         valid KV).
         """

@@ -98,14 +98,13 @@ class SenderConnection:
         """A piece's descriptor; its messages follow at once (the answer comes after them)."""
         send_message(self.sock, Message(transfer_header=header), deadline)
 
-    def post_messages(
-        self, views: Sequence[torch.Tensor], tags: Sequence[int] | None = None
-    ) -> list[dist.Work]:
-        """Post the sends of messages ``tags`` (default: all) of a piece cut into ``views``, in order."""
-        group = self.group
-        if tags is None:
-            return [group.send([view], RECEIVER_RANK, tag) for tag, view in enumerate(views)]
-        return [group.send([views[tag]], RECEIVER_RANK, tag) for tag in tags]
+    def post_messages(self, views: Sequence[torch.Tensor]) -> list[dist.Work]:
+        """Post the sends of every message of a piece cut into ``views``, in order."""
+        return [self.post_message(view, tag) for tag, view in enumerate(views)]
+
+    def post_message(self, view: torch.Tensor, tag: int) -> dist.Work:
+        """Post the send of message ``tag`` of a piece (on CUDA, after the current stream's work)."""
+        return self.group.send([view], RECEIVER_RANK, tag)
 
     def send_done(self, done: kv_transfer_pb2.TransferDone, deadline: float) -> None:
         """The done marker; its answer follows the answers to every piece sent before it."""
@@ -137,6 +136,7 @@ class Outgoing:
     pieces_queued: int = 0
     pieces_posted: int = 0
     got_last: bool = False
+    reads_cache: bool = False  # some message was posted straight from the caller's cache
 
 
 @dataclass
@@ -331,6 +331,7 @@ class Link:
             if not self._owed or self._owed[0] is not owed:
                 return  # the connection was dropped meanwhile
             self._owed.popleft()
+            self._changed.notify_all()  # for stop_reading
             finished = refused is not None or owed.done
             if finished:
                 self._active_transfers.pop(id(outgoing), None)
@@ -338,6 +339,24 @@ class Link:
             self.sender.settle(outgoing, TransferState.FAILED, str(refused))
         elif owed.done:
             self.sender.settle(outgoing, TransferState.SUCCESS)
+
+    def stop_reading(self, outgoing: Outgoing, timeout: float) -> None:
+        """Return once no send of ``outgoing`` is in flight any more.
+
+        A piece's sends are complete once its answer was read (the receiver answers only after every
+        message arrived, landed or drained). If the answers do not come within ``timeout``, the
+        connection is torn down, which aborts its sends (and fails the other transfers on it).
+        """
+        end = time.monotonic() + timeout
+        with self._changed:
+            while any(owed.outgoing is outgoing for owed in self._owed):
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            else:
+                return
+        self._drop_connection("a released transfer's sends did not finish")
 
     # ------------------------------------------------------------------------------------ thread
 
@@ -381,5 +400,6 @@ class Link:
                         self.sender.discard_staging(owed.staging)
                 self._owed.clear()
                 self._active_transfers.clear()
+                self._changed.notify_all()
         for outgoing in failed:
             self.sender.settle(outgoing, TransferState.FAILED, f"link to {self.address} lost: {reason}")

@@ -1,7 +1,7 @@
 """Reusable staging memory for pieces, and the views of a piece cut out of it once per piece size.
 
 Why: allocating a 256 MiB piece per transfer costs allocator calls (and may synchronize on CUDA), and
-cutting a piece into messages and layer slabs costs a dozen tensor calls. Each call from Python costs
+cutting a piece into messages and block slabs costs a dozen tensor calls. Each call from Python costs
 tens of microseconds on a busy GPU host, and all of them were spent before the first byte moved. So a
 sender and a receiver each keep a small pool of buffers (``StagingPool``), shared by their links or
 connections: memory grows with the pieces in flight at once, not with the number of peers. A buffer
@@ -9,9 +9,10 @@ grows when a larger piece comes, and keeps the views of the last few piece sizes
 seen before costs no tensor call at all before its copies and messages.
 
 Schedules (plain arithmetic, the same on both ends): a piece travels as ``num_messages`` messages of
-``message_bytes`` (the last one shorter). The sender gathers layer chunks (the first message's layers,
-then doubling) and posts every message whose layers are gathered right behind each chunk. The receiver
-scatters, after each message, the layers that message completed.
+``message_bytes`` (the last one shorter), each holding whole blocks (``message_blocks``). The sender
+gathers a message's blocks (unless it can send them straight from a block-major cache) and posts it
+right behind; the receiver lands, after each message, the blocks that message completed
+(``landings``).
 
 Invariants:
 - A sender buffer is handed out again only once the last send reading it has completed (``lend``). A
@@ -29,43 +30,43 @@ import threading
 import torch
 import torch.distributed as dist
 
-from kv_transfer.blocks import block_words, gather_chunks, layers_covered, layers_needed
+from kv_transfer.blocks import as_words, blocks_covered, blocks_needed
 
 MAX_CACHED_SIZES = 8  # piece sizes whose views a buffer keeps; beyond that they are cut afresh
 _GRANULE = 2 << 20  # buffers grow in whole 2 MiB steps
 
 
 @functools.lru_cache(maxsize=256)
-def sender_steps(
-    payload_bytes: int, message_bytes: int, one_layer: int, num_layers: int
-) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
-    """``(lo, hi, messages)`` per gather: gather layers ``[lo, hi)``, then post those messages."""
+def message_blocks(
+    payload_bytes: int, message_bytes: int, one_block: int, num_blocks: int
+) -> tuple[tuple[int, int], ...]:
+    """Per message, the piece blocks ``[lo, hi)`` it carries (the sender's framing: whole blocks)."""
     num_messages = -(-payload_bytes // message_bytes)
-    ends = [min((i + 1) * message_bytes, payload_bytes) for i in range(num_messages)]
-    steps, lo, next_message = [], 0, 0
-    for hi in gather_chunks(num_layers, layers_needed(ends[0], one_layer)):
-        ready = []
-        while next_message < num_messages and layers_needed(ends[next_message], one_layer) <= hi:
-            ready.append(next_message)
-            next_message += 1
-        steps.append((lo, hi, tuple(ready)))
-        lo = hi
-    return tuple(steps)
+    return tuple(
+        (
+            i * message_bytes // one_block,
+            min(num_blocks, blocks_needed(min((i + 1) * message_bytes, payload_bytes), one_block)),
+        )
+        for i in range(num_messages)
+    )
 
 
 @functools.lru_cache(maxsize=256)
 def landings(
-    payload_bytes: int, message_bytes: int, one_layer: int, num_layers: int
+    payload_bytes: int, message_bytes: int, one_block: int, num_blocks: int
 ) -> tuple[tuple[int, int] | None, ...]:
-    """Per message, the layers ``(lo, hi)`` it completes (None when it completes none)."""
+    """Per message, the blocks ``(lo, hi)`` it completes (None when it completes none).
+
+    Any framing works, not only the sender's: a block lands only once every byte of it arrived.
+    """
     num_messages = -(-payload_bytes // message_bytes)
     out: list[tuple[int, int] | None] = []
     landed = 0
     for index in range(num_messages):
         end = min((index + 1) * message_bytes, payload_bytes)
-        layers = layers_covered(end, one_layer, num_layers)
-        out.append((landed, layers) if layers > landed else None)
-        landed = max(landed, layers)
+        blocks = blocks_covered(end, one_block, num_blocks)
+        out.append((landed, blocks) if blocks > landed else None)
+        landed = max(landed, blocks)
     return tuple(out)
 
 
@@ -80,7 +81,7 @@ class PieceViews:
         self._typed: dict[tuple, torch.Tensor] = {}
 
     def piece(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The bytes as a ``[num_layers, 2, n, block_size, heads, head_dim]`` tensor."""
+        """The bytes as a ``[n, num_layers, 2, block_size, heads, head_dim]`` tensor."""
         key = (shape, dtype)
         view = self._typed.get(key)
         if view is None:
@@ -90,11 +91,11 @@ class PieceViews:
     def slab(
         self, shape: tuple[int, ...], dtype: torch.dtype, word: torch.dtype, lo: int, hi: int
     ) -> torch.Tensor:
-        """Layers ``[lo, hi)`` of the piece as ``[hi - lo, 2, n, words]`` (see ``blocks.block_words``)."""
+        """Blocks ``[lo, hi)`` of the piece as ``[hi - lo, L, 2, words]`` (see ``blocks.as_words``)."""
         key = (shape, dtype, word, lo, hi)
         view = self._typed.get(key)
         if view is None:
-            view = self._typed[key] = block_words(self.piece(shape, dtype), word)[lo:hi]
+            view = self._typed[key] = as_words(self.piece(shape, dtype), word)[lo:hi]
         return view
 
 

@@ -342,8 +342,8 @@ def build_header(
     max_message_bytes: int,
     checksum_algorithm: int,
 ) -> kv_transfer_pb2.TransferHeader:
-    """Describe a gathered piece ``[num_layers, 2, n, block_size, heads, head_dim]`` (with its digest)."""
-    header = piece_header(handle, dst_block_offset, piece.shape[2], piece_index, max_message_bytes)
+    """Describe a gathered piece ``[n, num_layers, 2, block_size, heads, head_dim]`` (with its digest)."""
+    header = piece_header(handle, dst_block_offset, piece.shape[0], piece_index, max_message_bytes)
     header.shape[:] = list(piece.shape)
     payload_bytes = piece.numel() * piece.element_size()
     header.payload_bytes = payload_bytes

@@ -77,7 +77,8 @@ class PrefillTransfers:
         self.engine = engine
         self.sender = sender
         self.kv_cache = kv_cache
-        # The early sends' gathers run here, after the step's forward, beside its sampling kernels.
+        # The early sends' gathers (or sends straight from a block-major cache) queue here, after the
+        # step's forward, beside its sampling kernels.
         self._side = torch.cuda.Stream(kv_cache.device) if kv_cache.device.type == "cuda" else None
         self.metrics = metrics if metrics is not None else KVTransferMetrics()
         self.jobs: dict[str, _Job] = {}
@@ -112,7 +113,7 @@ class PrefillTransfers:
             return
         stream = self._side
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))  # gathers after the forward
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # reads after the forward
         # Outside inference mode, as after_step's sends: staging buffers made here are reused there.
         with torch.inference_mode(False), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for job in completing:

@@ -1,9 +1,13 @@
 """The attention-backend seam.
 
-KV cache layout (all layers in one tensor so a block of every layer moves as one gather)::
+KV cache layout (all layers in one tensor so a block of every layer moves as one piece)::
 
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
     kv_cache[layer]      -> [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
+
+That is the logical shape; the storage may be block-major (engine/kv_cache/storage.py), in which case
+``kv_cache[layer]`` is not contiguous: a backend either indexes through strides or says it cannot
+(``reads_block_major``).
 
 A step's tokens are flattened ("varlen"): sequence ``b`` owns query rows
 ``query_start_loc[b] : query_start_loc[b+1]``. Its context after this step is ``seq_lens[b]`` tokens,
@@ -54,6 +58,7 @@ class AttentionBackend(Protocol):
     """What a model layer calls. Implementations: ``TorchAttention`` (reference), ``TritonAttention``."""
 
     name: str
+    reads_block_major: bool  # reads a cache whose storage is block-major (strides, never ``view``)
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor

@@ -41,6 +41,7 @@ class _DecodePlan:
 
 class TorchAttention:
     name = "torch"
+    reads_block_major = False  # layers are reshaped with ``view``: the cache must be layer-major
 
     def __init__(self) -> None:
         # The step whose plan is cached (its metadata and KV dtype), and the plan.

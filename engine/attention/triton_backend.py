@@ -24,6 +24,7 @@ class TritonAttention:
     """Paged attention with Triton kernels (see ``engine/kernels``)."""
 
     name = "triton"
+    reads_block_major = True  # every kernel indexes the cache through its strides
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor

@@ -18,6 +18,7 @@ import torch
 
 from engine.builder import build_engine
 from engine.config import CacheConfig, SchedulerConfig
+from engine.kv_cache.storage import is_block_major
 from engine.sampling.params import SamplingParams
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.spec_decode import SpecConfig, build_spec_decoder
@@ -85,6 +86,7 @@ def test_fp32_greedy_tokens_identical_to_hf(config):
     model = _hf_on_gpu(config, torch.float32)
     eng = _engine(config, _weights(model), torch.float32)
     assert eng.runner.uses_triton_ops and eng.runner.graphs is not None
+    assert is_block_major(eng.runner.kv_cache), "the GPU cache is stored block-major by default"
     prompts = random_prompts(5, config["vocab_size"], 5, 90, seed=11)
     outs = run_all(eng, prompts, GREEDY, check_every_step=False)
     assert eng.runner.graphs.graphs, "no decode step ran from a CUDA graph"
@@ -167,6 +169,26 @@ def test_bf16_teacher_forced_agreement_with_hf(config):
     assert vs_hf16 / total >= 0.95, report
     assert ours_vs_exact >= hf16_vs_exact - 0.02 * total, report
     assert max(ours_err) <= 2 * max(hf16_err) + 1e-3, report
+
+
+def test_block_major_and_layer_major_caches_give_the_same_tokens_and_logits():
+    """The storage order changes only addresses: every step's logits are the same bits."""
+    model = _hf_on_gpu(GPU_LLAMA, torch.bfloat16)
+    prompts = random_prompts(4, GPU_LLAMA["vocab_size"], 5, 70, seed=5)
+    runs = []
+    for layout in ("block-major", "layer-major"):
+        eng = build_engine(
+            GPU_LLAMA, _weights(model), dtype=torch.bfloat16, device="cuda",
+            cache=CacheConfig(block_size=16, num_blocks=256, layout=layout),
+            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48, long_prefill_token_threshold=32),
+        )  # fmt: skip
+        assert is_block_major(eng.runner.kv_cache) == (layout == "block-major")
+        eng.runner.sampler = RecordingSampler()
+        runs.append((run_all(eng, prompts, GREEDY, check_every_step=False), eng.runner.sampler.logits))
+    (tokens_bm, logits_bm), (tokens_lm, logits_lm) = runs
+    assert tokens_bm == tokens_lm
+    for rid in prompts:
+        assert all(torch.equal(a, b) for a, b in zip(logits_bm[rid], logits_lm[rid], strict=True)), rid
 
 
 def test_graph_decode_matches_eager_across_buckets():

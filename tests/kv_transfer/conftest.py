@@ -18,16 +18,18 @@ def _nccl_available() -> bool:
     params=[
         "loopback",
         "gloo",
-        pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.multi_gpu]),
+        "gloo-block-major",  # caches stored block-major: pieces leave straight from the cache
+        pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.multi_gpu]),  # block-major, as the engine's
     ]
 )
 def transport(request) -> Harness:
     if request.param == "nccl":
         if not _nccl_available():
             pytest.skip("needs two CUDA GPUs and NCCL")
-        harness = Harness("nccl", torch.device("cuda:0"), torch.device("cuda:1"))
+        harness = Harness("nccl", torch.device("cuda:0"), torch.device("cuda:1"), block_major=True)
     else:
-        harness = Harness(request.param, torch.device("cpu"), torch.device("cpu"))
+        name, _, layout = request.param.partition("-")
+        harness = Harness(name, torch.device("cpu"), torch.device("cpu"), block_major=layout == "block-major")
     yield harness
     harness.close()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from baton.v1 import kv_transfer_pb2, worker_pb2
+from engine.kv_cache.storage import allocate_kv_cache
 from kv_transfer.base import KVReceiver, KVSender, TransferError, TransferHandle
 from kv_transfer.dist_receiver import DistKVReceiver
 from kv_transfer.dist_sender import DistKVSender, SenderConnection
@@ -34,6 +35,7 @@ class Harness:
     name: str
     src_device: torch.device
     dst_device: torch.device
+    block_major: bool = False  # how the test caches are stored (engine/kv_cache/storage.py)
 
     def __post_init__(self) -> None:
         self.hub = LoopbackHub()
@@ -42,6 +44,15 @@ class Harness:
     @property
     def is_network(self) -> bool:
         return self.name != "loopback"
+
+    def caches(
+        self, layers: int, blocks: int, block_size: int, heads: int, head_dim: int, dtype=torch.float32, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random source cache on ``src_device`` and a zeroed destination on ``dst_device``."""
+        shape = (layers, blocks, block_size, heads, head_dim)
+        src = random_cache(*shape, dtype, self.src_device, seed, block_major=self.block_major)
+        dst = allocate_kv_cache(*shape, dtype=dtype, device=self.dst_device, block_major=self.block_major)
+        return src, dst
 
     def receiver(self, kv_cache: torch.Tensor, secret: str = SECRET) -> KVReceiver:
         if self.name == "loopback":
@@ -115,11 +126,24 @@ def wait_terminal(poll, handle: TransferHandle, timeout: float) -> float:
 
 
 def random_cache(
-    layers: int, blocks: int, block_size: int, heads: int, head_dim: int, dtype, device, seed: int = 0
+    layers: int,
+    blocks: int,
+    block_size: int,
+    heads: int,
+    head_dim: int,
+    dtype,
+    device,
+    seed: int = 0,
+    block_major: bool = False,
 ) -> torch.Tensor:
+    """A ``[layers, 2, blocks, ...]`` cache of random values, stored layer- or block-major."""
     generator = torch.Generator().manual_seed(seed)
-    cache = torch.randn(layers, 2, blocks, block_size, heads, head_dim, generator=generator)
-    return cache.to(dtype=dtype, device=device)
+    values = torch.randn(layers, 2, blocks, block_size, heads, head_dim, generator=generator)
+    cache = allocate_kv_cache(
+        layers, blocks, block_size, heads, head_dim, dtype=dtype, device=device, block_major=block_major
+    )
+    cache.copy_(values)
+    return cache
 
 
 class PeerProcess:

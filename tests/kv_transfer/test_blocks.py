@@ -1,4 +1,5 @@
-"""Unit tests of the layer-range block copies and of landing a piece layer by layer."""
+"""Unit tests of the block-range copies (layer-major and block-major caches) and of landing a piece
+block by block."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import pytest
 import torch
 
 from baton.v1 import kv_transfer_pb2
-from kv_transfer.base import TransferError, TransferState, gather_blocks
+from engine.kv_cache.storage import allocate_kv_cache
+from kv_transfer.base import TransferError, TransferState, gather_blocks, scatter_blocks
 from kv_transfer.blocks import (
     BlockMover,
+    CacheBlocks,
     aligned_message_bytes,
+    as_words,
     block_runs,
-    block_words,
-    gather_chunks,
-    layer_bytes,
-    layers_covered,
-    layers_needed,
+    blocks_covered,
+    blocks_needed,
+    runs_within,
 )
 from kv_transfer.reservations import ReservationTable
 from kv_transfer.wire import CHECKSUMS, build_header
@@ -30,92 +32,127 @@ CASES = {
 }
 
 
+def _cache(dtype, block_major: bool) -> torch.Tensor:
+    cache = allocate_kv_cache(5, 16, 4, 2, 8, dtype=dtype, device="cpu", block_major=block_major)
+    cache.copy_(torch.randn(cache.shape).to(dtype))
+    return cache
+
+
 def test_block_runs() -> None:
     assert block_runs([3, 4, 5, 9, 10, 2]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
     assert block_runs([]) == []
     assert block_runs([7]) == [(0, 7, 1)]
+    runs = block_runs([3, 4, 5, 9, 10, 2])
+    assert list(runs_within(runs, 1, 4)) == [(1, 4, 2), (3, 9, 1)]
+    assert list(runs_within(runs, 5, 6)) == [(5, 2, 1)]
 
 
+def test_the_reference_piece_is_block_major_and_round_trips() -> None:
+    cache = _cache(torch.float32, block_major=False)
+    piece = gather_blocks(cache, [3, 1])
+    assert piece.shape == (2, 5, 2, 4, 2, 8) and piece.is_contiguous()
+    assert torch.equal(piece[0], cache[:, :, 3]) and torch.equal(piece[1], cache[:, :, 1])
+    target = torch.zeros_like(cache)
+    scatter_blocks(target, [7, 0], piece)
+    assert torch.equal(target[:, :, 7], cache[:, :, 3]) and torch.equal(target[:, :, 0], cache[:, :, 1])
+
+
+@pytest.mark.parametrize("block_major", [False, True], ids=["layer-major", "block-major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_mover_matches_the_reference_gather_and_scatter(case: str, dtype) -> None:
+def test_mover_matches_the_reference_gather_and_scatter(case: str, dtype, block_major: bool) -> None:
     ids = CASES[case]
-    cache = torch.randn(5, 2, 16, 4, 2, 8).to(dtype)
+    cache = _cache(dtype, block_major)
     mover = BlockMover(ids, cache.device)
     assert (mover.runs is None) == (case == "scattered")
     assert (mover.runs is not None and len(mover.runs) == 1) == (case in ("one run", "single"))
-    piece = torch.zeros(5, 2, len(ids), 4, 2, 8, dtype=dtype)
-    cache_words = block_words(cache)
-    piece_words = block_words(piece, cache_words.dtype)
-    for lo, hi in [(0, 2), (2, 3), (3, 5)]:  # layer ranges, in pieces
-        mover.gather(cache_words, piece_words[lo:hi], lo, hi)
+    piece = torch.zeros(len(ids), 5, 2, 4, 2, 8, dtype=dtype)
+    blocks = CacheBlocks(cache)
+    piece_words = as_words(piece, blocks.words.dtype)
+    bounds = sorted({0, len(ids) // 3, 2 * len(ids) // 3, len(ids)})
+    for lo, hi in zip(bounds, bounds[1:], strict=False):  # block ranges, as messages carry them
+        mover.gather(blocks.words, piece_words[lo:hi], lo, hi)
     assert torch.equal(piece, gather_blocks(cache, ids))
 
-    target = torch.zeros_like(cache)
-    mover.scatter(block_words(target), piece_words[1:4], 1, 4)  # only layers 1..3
-    assert torch.equal(target[1:4, :, ids], cache[1:4, :, ids])
-    assert not target[[0, 4]].any(), "layers outside the range were written"
-    others = [b for b in range(16) if b not in ids]
-    assert not target[:, :, others].any(), "blocks outside the ids were written"
+    target = allocate_kv_cache(5, 16, 4, 2, 8, dtype=dtype, device="cpu", block_major=block_major)
+    lo, hi = (1, len(ids) - 1) if len(ids) > 2 else (0, len(ids))
+    mover.scatter(CacheBlocks(target).words, piece_words[lo:hi], lo, hi)
+    assert torch.equal(target[:, :, ids[lo:hi]], cache[:, :, ids[lo:hi]])
+    others = [b for b in range(16) if b not in ids[lo:hi]]
+    assert not target[:, :, others].any(), "blocks outside the range were written"
+
+
+@pytest.mark.parametrize("block_major", [False, True], ids=["layer-major", "block-major"])
+def test_direct_messages_only_from_consecutive_blocks_of_a_block_major_cache(block_major: bool) -> None:
+    cache = _cache(torch.bfloat16, block_major)
+    blocks = CacheBlocks(cache)
+    assert (blocks.rows is not None) == block_major
+    mover = BlockMover([4, 5, 6, 9, 10], cache.device)
+    direct = mover.direct(blocks, 0, 3)
+    if not block_major:
+        assert direct is None, "a layer-major cache has no block range to send from"
+        return
+    assert direct.dtype == torch.uint8 and direct.is_contiguous()
+    assert direct.data_ptr() == cache[0, 0, 4].data_ptr(), "a view of the cache, not a copy"
+    assert torch.equal(direct, gather_blocks(cache, [4, 5, 6]).view(-1).view(torch.uint8))
+    assert mover.direct(blocks, 3, 5) is not None and mover.direct(blocks, 1, 4) is None
+    assert BlockMover(CASES["scattered"], cache.device).direct(blocks, 0, 1) is None  # indexed: gathered
 
 
 def test_block_words_widen_only_when_bytes_allow() -> None:
-    assert block_words(torch.zeros(2, 2, 3, 4, 2, 8, dtype=torch.bfloat16)).dtype == torch.int64
-    assert block_words(torch.zeros(2, 2, 3, 1, 1, 2, dtype=torch.bfloat16)).dtype == torch.int32
-    odd = block_words(torch.zeros(2, 2, 3, 1, 1, 3, dtype=torch.bfloat16))
+    assert as_words(torch.zeros(2, 2, 3, 4, 2, 8, dtype=torch.bfloat16)).dtype == torch.int64
+    assert as_words(torch.zeros(2, 2, 3, 1, 1, 2, dtype=torch.bfloat16)).dtype == torch.int32
+    odd = as_words(torch.zeros(2, 2, 3, 1, 1, 3, dtype=torch.bfloat16))
     assert odd.dtype == torch.bfloat16 and odd.shape == (2, 2, 3, 3)
     # A piece is seen in the cache's words, even where it could be seen in wider ones.
-    assert block_words(torch.zeros(2, 2, 3, 4, 2, 8, dtype=torch.bfloat16), torch.int32).dtype == torch.int32
+    assert as_words(torch.zeros(2, 2, 3, 4, 2, 8, dtype=torch.bfloat16), torch.int32).dtype == torch.int32
     # A cache whose storage offset forbids 8-byte words: the piece must follow it, not widen on its own.
     shifted = torch.zeros(2 * 2 * 3 * 4 * 2 * 8 + 1, dtype=torch.bfloat16)[1:].view(2, 2, 3, 4, 2, 8)
-    assert block_words(shifted).dtype == torch.bfloat16
+    assert as_words(shifted).dtype == torch.bfloat16
 
 
-def test_message_and_chunk_arithmetic() -> None:
-    one_layer = layer_bytes([32, 2, 128, 16, 8, 128], 2)
-    assert one_layer == 8 << 20
-    assert aligned_message_bytes(32 << 20, one_layer) == 32 << 20
-    assert aligned_message_bytes(30 << 20, one_layer) == 24 << 20  # whole layers only
-    assert aligned_message_bytes(1000, one_layer) == 1000  # sub-layer messages stay as asked
-    assert gather_chunks(32, 4) == [4, 12, 28, 32]
-    assert gather_chunks(3, 1) == [1, 3]
-    assert gather_chunks(5, 8) == [5]
-    assert layers_needed(4096 + 1, 4096) == 2 and layers_needed(8192, 4096) == 2
-    assert layers_covered(8191, 4096, 3) == 1 and layers_covered(1 << 20, 4096, 3) == 3
+def test_message_arithmetic() -> None:
+    one_block = 2 << 20  # a Llama-3.1-8B block: 32 layers x K,V x 16 tokens x 8 heads x 128 x bf16
+    assert aligned_message_bytes(80 << 20, one_block) == 80 << 20
+    assert aligned_message_bytes(81 << 20, one_block) == 80 << 20  # whole blocks only
+    assert aligned_message_bytes(1000, one_block) == one_block  # never less than one block
+    assert blocks_needed(4096 + 1, 4096) == 2 and blocks_needed(8192, 4096) == 2
+    assert blocks_covered(8191, 4096, 3) == 1 and blocks_covered(1 << 20, 4096, 3) == 3
 
 
-def _table_and_ticket(layers: int = 3):
-    cache = torch.zeros(layers, 2, 8, 4, 2, 8)
+def _table_and_ticket(block_major: bool = False):
+    cache = allocate_kv_cache(3, 8, 4, 2, 8, dtype=torch.float32, device="cpu", block_major=block_major)
     table = ReservationTable(cache, "127.0.0.1:1", "rx")
     handle = table.reserve("req", [5, 1, 6], num_tokens=12, deadline=time.time() + 30)
-    source = torch.randn(layers, 2, 3, 4, 2, 8)
+    source = torch.randn(3, 3, 2, 4, 2, 8)  # block-major: [blocks, layers, 2, ...]
     header = build_header(handle, 0, source, 0, 1 << 20, CHECKSUMS["none"])
     ticket = table.accept_header(header, owner="link")
     ticket.staging.copy_(source)
     return table, handle, ticket, cache, source
 
 
-def test_landing_layer_by_layer_then_completing() -> None:
-    table, handle, ticket, cache, source = _table_and_ticket()
-    table.land_layers(ticket, 0, 1)
-    assert torch.equal(cache[0, :, [5, 1, 6]], source[0]) and not cache[1:].any()
-    table.land_layers(ticket, 1, 3)
+@pytest.mark.parametrize("block_major", [False, True], ids=["layer-major", "block-major"])
+def test_landing_block_by_block_then_completing(block_major: bool) -> None:
+    table, handle, ticket, cache, source = _table_and_ticket(block_major)
+    table.land_blocks(ticket, 0, 1)
+    assert torch.equal(cache[:, :, 5], source[0]) and not cache[:, :, [1, 6]].any()
+    table.land_blocks(ticket, 1, 3)
     table.complete_piece(ticket)
-    assert torch.equal(cache[:, :, [5, 1, 6]], source)
+    assert torch.equal(cache[:, :, [5, 1, 6]], source.permute(1, 2, 0, 3, 4, 5))
     table.finish(
         kv_transfer_pb2.TransferDone(request_id="req", handle_id=handle.handle_id, num_pieces=1), "link"
     )
     assert table.poll(handle) is TransferState.SUCCESS
 
 
-def test_release_mid_piece_stops_later_layers() -> None:
+def test_release_mid_piece_stops_later_blocks() -> None:
     table, handle, ticket, cache, source = _table_and_ticket()
-    table.land_layers(ticket, 0, 1)
+    table.land_blocks(ticket, 0, 1)
     table.release(handle)
     with pytest.raises(TransferError) as raised:
-        table.land_layers(ticket, 1, 3)
+        table.land_blocks(ticket, 1, 3)
     assert raised.value.code == "NOT_FOUND"
     with pytest.raises(TransferError):
         table.complete_piece(ticket)
-    assert torch.equal(cache[0, :, [5, 1, 6]], source[0])
-    assert not cache[1:].any(), "a released reservation was written"
+    assert torch.equal(cache[:, :, 5], source[0])
+    assert not cache[:, :, [1, 6]].any(), "a released reservation was written"

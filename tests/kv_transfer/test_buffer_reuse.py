@@ -19,13 +19,11 @@ from .harness import PEER_SEED, Harness, PeerProcess, random_cache, wait_termina
 
 LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 4, 2, 8
 NUM_BLOCKS = 48
-ONE_LAYER_PER_BLOCK = 2 * BLOCK_SIZE * HEADS * HEAD_DIM * 4  # float32 bytes of one block in one layer
+ONE_BLOCK = LAYERS * 2 * BLOCK_SIZE * HEADS * HEAD_DIM * 4  # float32 bytes of one block, every layer
 
 
 def _caches(h: Harness) -> tuple[torch.Tensor, torch.Tensor]:
-    src = random_cache(LAYERS, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, torch.float32, h.src_device, seed=3)
-    dst = torch.zeros(LAYERS, 2, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, device=h.dst_device)
-    return src, dst
+    return h.caches(LAYERS, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, seed=3)
 
 
 def _check(src, dst, moved: dict[int, int]) -> None:
@@ -40,7 +38,7 @@ def _check(src, dst, moved: dict[int, int]) -> None:
 def test_pieces_of_changing_sizes_land_exactly(transport: Harness) -> None:
     src, dst = _caches(transport)
     receiver = transport.receiver(dst)
-    sender = transport.sender(max_message_bytes=2 * ONE_LAYER_PER_BLOCK + 100)  # sub-layer messages too
+    sender = transport.sender(max_message_bytes=2 * ONE_BLOCK + 100)  # not a whole number of blocks
     moved: dict[int, int] = {}
     # Large, then smaller (the buffers hold the larger piece's bytes behind it), then larger again.
     plans = [
@@ -69,7 +67,7 @@ def test_pieces_posted_back_to_back_land_exactly(transport: Harness) -> None:
     """Pieces posted faster than they leave: each still goes out of a buffer nothing else writes."""
     src, dst = _caches(transport)
     receiver = transport.receiver(dst)
-    sender = transport.sender(max_message_bytes=ONE_LAYER_PER_BLOCK)
+    sender = transport.sender(max_message_bytes=ONE_BLOCK)
     warmup = receiver.reserve("req-warm", [47], BLOCK_SIZE, time.time() + 30)
     sender.send(warmup, [47], src)  # connects: the pieces below take the direct path
     wait_terminal(sender.poll, warmup, 30)
@@ -89,8 +87,8 @@ def test_pieces_posted_back_to_back_land_exactly(transport: Harness) -> None:
 def test_half_sent_piece_after_a_larger_one_lands_no_stale_bytes(transport: Harness) -> None:
     """A larger piece fills the receiver's staging buffer; a smaller one is cut off half-way behind it.
 
-    Only whole layers of the smaller piece's own bytes may land: a scatter of a layer whose bytes did
-    not all arrive would write the larger piece's leftovers into the cache.
+    Only whole blocks of the smaller piece's own bytes may land: landing a block whose bytes did not
+    all arrive would write the larger piece's leftovers into the cache.
     """
     if not transport.is_network:
         pytest.skip("an in-process transport has no peer process to kill")
@@ -103,7 +101,7 @@ def test_half_sent_piece_after_a_larger_one_lands_no_stale_bytes(transport: Harn
     peer = PeerProcess(
         "sender-full-then-half", "--backend", transport.name, "--device", str(transport.src_device),
         "--secret", "conformance-secret", "--target", target(half), "--full-target", target(full),
-        "--message-bytes", str(ONE_LAYER_PER_BLOCK * len(half_ids) // 2),
+        "--message-bytes", str(ONE_BLOCK * 3 // 2),
     )  # fmt: skip
     try:
         progress = peer.read_json()
@@ -122,11 +120,11 @@ def test_half_sent_piece_after_a_larger_one_lands_no_stale_bytes(transport: Harn
     full_sent = random_cache(LAYERS, 8, BLOCK_SIZE, HEADS, HEAD_DIM, torch.float32, "cpu", seed=PEER_SEED + 1)
     half_sent = random_cache(LAYERS, 4, BLOCK_SIZE, HEADS, HEAD_DIM, torch.float32, "cpu", seed=PEER_SEED)
     assert torch.equal(got[:, :, full_ids], full_sent)
-    # 3 layers in messages of half a layer, 3 of 6 sent: layer 0 is whole, layer 1 half (its other
-    # half in staging is the larger piece's bytes), layer 2 missing.
-    written = [layer for layer in range(LAYERS) if got[layer, :, half_ids].any()]
-    assert written in ([], [0]), f"layers {written} written from half a piece"
-    for layer in written:
-        assert torch.equal(got[layer, :, half_ids], half_sent[layer])
+    # 4 blocks in messages of 1.5 blocks, 1 of 3 sent: block 0 is whole, block 1 half (its other half
+    # in staging is the larger piece's bytes), blocks 2 and 3 missing.
+    written = [i for i, block in enumerate(half_ids) if got[:, :, block].any()]
+    assert written in ([], [0]), f"blocks {written} written from half a piece"
+    for i in written:
+        assert torch.equal(got[:, :, half_ids[i]], half_sent[:, :, i])
     others = sorted(set(range(NUM_BLOCKS)) - set(full_ids) - set(half_ids))
     assert not got[:, :, others].any(), "blocks outside the reservations were written"

@@ -8,42 +8,37 @@ import pytest
 import torch
 
 from kv_transfer.base import TransferState
-from kv_transfer.blocks import BlockMover, layers_covered, layers_needed
+from kv_transfer.blocks import BlockMover, blocks_covered
 from kv_transfer.call_count import CallCounter
 from kv_transfer.dist_receiver import DistKVReceiver
 from kv_transfer.dist_sender import DistKVSender
 from kv_transfer.sender_link import SenderConnection
-from kv_transfer.staging import Staging, StagingPool, landings, sender_steps
+from kv_transfer.staging import Staging, StagingPool, landings, message_blocks
 
 from .harness import random_cache, wait_terminal
 
-ONE_LAYER = 4096
+ONE_BLOCK = 4096
 
 
 @pytest.mark.parametrize(
-    ("layers", "message_bytes"),
-    [(32, 10 * ONE_LAYER), (32, 8 * ONE_LAYER), (3, 1000), (5, 5 * ONE_LAYER), (7, 3 * ONE_LAYER), (1, 64)],
+    ("blocks", "message_bytes"),
+    [(128, 40 * ONE_BLOCK), (128, 32 * ONE_BLOCK), (3, ONE_BLOCK), (5, 5 * ONE_BLOCK), (7, 3 * ONE_BLOCK)],
 )
-def test_sender_steps_post_every_message_once_after_its_layers(layers: int, message_bytes: int) -> None:
-    payload = layers * ONE_LAYER
-    steps = sender_steps(payload, message_bytes, ONE_LAYER, layers)
-    posted = [tag for _, _, tags in steps for tag in tags]
-    assert posted == list(range(-(-payload // message_bytes))), "every message once, in order"
-    assert [lo for lo, _, _ in steps] == [0] + [hi for _, hi, _ in steps[:-1]], "gathers tile the layers"
-    assert steps[-1][1] == layers
-    for _, hi, tags in steps:
-        for tag in tags:  # a message leaves only once every layer it carries is gathered
-            assert layers_needed(min((tag + 1) * message_bytes, payload), ONE_LAYER) <= hi
-    first_lo, first_hi, first_tags = steps[0]
-    assert first_tags and first_tags[0] == 0
-    assert first_hi == layers_needed(min(message_bytes, payload), ONE_LAYER), "the first gather is minimal"
-    assert len(steps) <= 1 + (layers - first_hi).bit_length(), "later gathers double in size"
+def test_sender_messages_carry_whole_blocks_once_each(blocks: int, message_bytes: int) -> None:
+    payload = blocks * ONE_BLOCK
+    plan = message_blocks(payload, message_bytes, ONE_BLOCK, blocks)
+    assert len(plan) == -(-payload // message_bytes)
+    assert [lo for lo, _ in plan] == [0] + [hi for _, hi in plan[:-1]], "messages tile the blocks"
+    assert plan[-1][1] == blocks
+    for tag, (lo, hi) in enumerate(plan):  # a message's bytes are exactly its blocks' bytes
+        assert (lo * ONE_BLOCK, hi * ONE_BLOCK) == (tag * message_bytes, min((tag + 1) * message_bytes, payload))
 
 
-@pytest.mark.parametrize(("layers", "message_bytes"), [(32, 10 * ONE_LAYER), (3, 1000), (4, 3 * ONE_LAYER)])
-def test_landings_scatter_each_layer_once_when_complete(layers: int, message_bytes: int) -> None:
-    payload = layers * ONE_LAYER
-    plan = landings(payload, message_bytes, ONE_LAYER, layers)
+@pytest.mark.parametrize(("blocks", "message_bytes"), [(32, 10 * ONE_BLOCK), (3, 1000), (4, 3 * ONE_BLOCK + 7)])
+def test_landings_land_each_block_once_when_complete(blocks: int, message_bytes: int) -> None:
+    """Whatever framing a header claims, a block lands only once every byte of it arrived."""
+    payload = blocks * ONE_BLOCK
+    plan = landings(payload, message_bytes, ONE_BLOCK, blocks)
     assert len(plan) == -(-payload // message_bytes)
     covered = []
     for index, step in enumerate(plan):
@@ -51,9 +46,9 @@ def test_landings_scatter_each_layer_once_when_complete(layers: int, message_byt
             continue
         lo, hi = step
         end = min((index + 1) * message_bytes, payload)
-        assert hi == layers_covered(end, ONE_LAYER, layers), "only layers every byte of which arrived"
+        assert hi == blocks_covered(end, ONE_BLOCK, blocks), "only blocks every byte of which arrived"
         covered += range(lo, hi)
-    assert covered == list(range(layers))
+    assert covered == list(range(blocks))
 
 
 def test_staging_reuses_its_buffer_and_views_and_grows_on_demand() -> None:
@@ -75,14 +70,14 @@ def test_staging_reuses_its_buffer_and_views_and_grows_on_demand() -> None:
 
 
 def test_piece_views_typed_slabs_are_views_of_the_bytes() -> None:
-    views = Staging(torch.device("cpu")).views(2 * 2 * 3 * 4 * 8 * 2, 384, 4)
-    shape = (2, 2, 3, 4, 1, 8)
+    views = Staging(torch.device("cpu")).views(3 * 2 * 2 * 4 * 8 * 2, 384, 4)
+    shape = (3, 2, 2, 4, 1, 8)  # [blocks, layers, K/V, block_size, heads, head_dim]
     piece = views.piece(shape, torch.bfloat16)
     piece.copy_(torch.randn(shape).to(torch.bfloat16))
     slab = views.slab(shape, torch.bfloat16, torch.int64, 1, 2)
-    assert slab.shape == (1, 2, 3, 8) and slab.dtype == torch.int64  # a block row: 64 bytes = 8 words
+    assert slab.shape == (1, 2, 2, 8) and slab.dtype == torch.int64  # a K or V row: 64 bytes = 8 words
     assert slab.data_ptr() == piece[1].data_ptr()
-    assert torch.equal(slab.view(torch.bfloat16).view(1, 2, 3, 4, 1, 8), piece[1:2])
+    assert torch.equal(slab.view(torch.bfloat16).view(1, 2, 2, 4, 1, 8), piece[1:2])
     assert views.slab(shape, torch.bfloat16, torch.int64, 1, 2) is slab
 
 
@@ -141,49 +136,86 @@ def _transfer(receiver, sender, src, src_ids, dst_ids, block_size: int) -> None:
     assert receiver.poll(handle) is TransferState.SUCCESS
 
 
-def test_header_leaves_before_the_piece_is_gathered(monkeypatch) -> None:
-    src = random_cache(4, 16, 4, 2, 8, torch.float32, "cpu")
+@pytest.mark.parametrize("block_major", [False, True], ids=["layer-major", "block-major"])
+def test_header_leaves_before_the_piece_is_gathered(monkeypatch, block_major: bool) -> None:
+    src = random_cache(4, 16, 4, 2, 8, torch.float32, "cpu", block_major=block_major)
     dst = torch.zeros_like(src)
-    receiver, sender = _connected_pair(dst, max_message_bytes=4096)  # 2 layers of 4 blocks
+    receiver, sender = _connected_pair(dst, max_message_bytes=4096)  # 2 blocks of 4 layers
     try:
         _transfer(receiver, sender, src, [0], [0], 4)  # connects: later pieces take the direct path
         order: list[str] = []
-        real_header, real_post = SenderConnection.send_header, SenderConnection.post_messages
+        real_header, real_post = SenderConnection.send_header, SenderConnection.post_message
         real_gather = BlockMover.gather
 
         def send_header(connection, *args):
             order.append("header")
             return real_header(connection, *args)
 
-        def post_messages(connection, views, tags=None):
-            order.append(f"send {list(tags)}")
-            return real_post(connection, views, tags)
+        def post_message(connection, view, tag):
+            from_cache = view.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+            order.append(f"send {tag}" + (" from the cache" if from_cache else ""))
+            return real_post(connection, view, tag)
 
         def gather(mover, words, slab, lo, hi):
             order.append(f"gather {lo}-{hi}")
             return real_gather(mover, words, slab, lo, hi)
 
         monkeypatch.setattr(SenderConnection, "send_header", send_header)
-        monkeypatch.setattr(SenderConnection, "post_messages", post_messages)
+        monkeypatch.setattr(SenderConnection, "post_message", post_message)
         monkeypatch.setattr(BlockMover, "gather", gather)
         _transfer(receiver, sender, src, [4, 5, 6, 7], [8, 9, 10, 11], 4)
-        # 4 layers of 4 blocks in messages of 2 layers: gather the first message's layers, send it,
-        # then gather the rest in one copy and send the second message.
-        assert order == ["header", "gather 0-2", "send [0]", "gather 2-4", "send [1]"]
+        if block_major:  # consecutive blocks of a block-major cache: no copy at all
+            assert order == ["header", "send 0 from the cache", "send 1 from the cache"]
+        else:  # 4 blocks in messages of 2: gather the first message's blocks, send it, then the next
+            assert order == ["header", "gather 0-2", "send 0", "gather 2-4", "send 1"]
         assert torch.equal(dst[:, :, 8:12], src[:, :, 4:8])
+        order.clear()
+        _transfer(receiver, sender, src, [1, 2, 9, 3], [12, 13, 14, 15], 4)  # the second message: no run
+        gathered = ["gather 2-4", "send 1"]
+        first = ["send 0 from the cache"] if block_major else ["gather 0-2", "send 0"]
+        assert order == ["header", *first, *gathered]
+        assert torch.equal(dst[:, :, 12:16], src[:, :, [1, 2, 9, 3]])
     finally:
         sender.close()
         receiver.close()
 
 
-@pytest.mark.parametrize(("pattern", "limit"), [("run", 3), ("scattered", 4)])
-def test_torch_calls_before_the_first_send_are_few(pattern: str, limit: int) -> None:
+def test_release_returns_only_once_nothing_reads_the_source_blocks() -> None:
+    """Sends straight from the cache read it after ``send`` returned; ``release`` waits for them, so
+    the caller may overwrite the blocks right after it without the receiver seeing the new bytes."""
+    src = random_cache(4, 64, 4, 2, 8, torch.float32, "cpu", block_major=True)
+    original = src.clone()
+    dst = torch.zeros_like(src)
+    receiver, sender = _connected_pair(dst, max_message_bytes=8192)
+    try:
+        _transfer(receiver, sender, src, [0], [0], 4)  # connects: the next piece goes straight out
+        for attempt in range(5):
+            ids = list(range(8, 40))
+            handle = receiver.reserve(f"r{attempt}", list(range(32)), 32 * 4, time.time() + 30)
+            sender.send(handle, ids, src)
+            sender.release(handle)
+            src[:, :, ids] = -1.0  # what a new owner of the blocks would write
+            wait_terminal(receiver.poll, handle, 30)
+            assert receiver.poll(handle) is TransferState.SUCCESS, receiver.error(handle)
+            assert torch.equal(dst[:, :, :32], original[:, :, ids]), "bytes written after release were sent"
+            receiver.release(handle)
+            src.copy_(original)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "block_major", "limit"),
+    [("run", False, 3), ("scattered", False, 4), ("run", True, 3), ("scattered", True, 4)],
+)
+def test_torch_calls_before_the_first_send_are_few(pattern: str, block_major: bool, limit: int) -> None:
     """The host path is the transfer's cost: count the calls into torch before bytes can move."""
     layers, blocks_, block_size = 8, 32, 4
-    src = random_cache(layers, blocks_, block_size, 2, 8, torch.bfloat16, "cpu")
+    src = random_cache(layers, blocks_, block_size, 2, 8, torch.bfloat16, "cpu", block_major=block_major)
     dst = torch.zeros_like(src)
-    one_layer = 2 * 16 * block_size * 2 * 8 * 2
-    receiver, sender = _connected_pair(dst, max_message_bytes=3 * one_layer)
+    one_block = layers * 2 * block_size * 2 * 8 * 2
+    receiver, sender = _connected_pair(dst, max_message_bytes=6 * one_block)
     ids = list(range(8, 24)) if pattern == "run" else [3, 17, 5, 30, 11, 0, 25, 8, 19, 2, 28, 14, 6, 21, 9, 1]
     try:
         for _ in range(2):  # connect, and fill the staging buffer's views for this size
@@ -199,10 +231,11 @@ def test_torch_calls_before_the_first_send_are_few(pattern: str, limit: int) -> 
         assert torch.equal(dst[:, :, 16:32], src[:, :, ids])
         before_first_send = counter.first()
         assert before_first_send is not None, counter.calls
-        # run: a metadata read, one slice of the cache, one copy; scattered: plus the index upload.
+        # A metadata read, then for a run on a layer-major cache one slice of it and one copy; on a
+        # block-major one the slice of its rows and a flat view, no copy; scattered: index upload, gather.
         assert before_first_send <= limit, counter.calls[: before_first_send + 1]
         assert "torch.empty" not in counter.calls, "a piece of a size seen before allocates nothing"
-        assert counter.calls.count("_distributed_c10d.send") == 3  # 8 layers in messages of 3
+        assert counter.calls.count("_distributed_c10d.send") == 3  # 16 blocks in messages of 6
     finally:
         sender.close()
         receiver.close()

@@ -75,7 +75,7 @@ def test_gather_then_scatter_moves_exact_blocks() -> None:
     src = torch.randn(2, 2, 10, 4, 2, 8)
     dst = torch.zeros_like(src)
     piece = gather_blocks(src, [3, 0, 7])
-    assert piece.shape == (2, 2, 3, 4, 2, 8) and piece.is_contiguous()
+    assert piece.shape == (3, 2, 2, 4, 2, 8) and piece.is_contiguous()  # block-major
     scatter_blocks(dst, [1, 8, 5], piece)
     assert torch.equal(dst[:, :, [1, 8, 5]], src[:, :, [3, 0, 7]])
     assert not dst[:, :, [0, 2, 3, 4, 6, 9]].any()
@@ -84,7 +84,7 @@ def test_gather_then_scatter_moves_exact_blocks() -> None:
 def test_header_describes_piece_and_views_cover_it_exactly() -> None:
     piece = gather_blocks(torch.randn(2, 2, 10, 4, 2, 8).to(torch.bfloat16), [1, 2, 3])
     header = build_header(_handle(), 0, piece, 0, 1000, CHECKSUMS["crc32"])
-    assert list(header.shape) == [2, 2, 3, 4, 2, 8]
+    assert list(header.shape) == [3, 2, 2, 4, 2, 8]
     assert header.payload_bytes == 3 * LAYOUT.block_bytes == 1536
     assert (header.message_bytes, header.num_messages) == (1000, 2)
     assert list(header.block_ids) == [4, 9, 2]
