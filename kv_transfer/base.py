@@ -181,6 +181,13 @@ class KVSender(ABC):
     def poll(self, handle: TransferHandle) -> TransferState:
         """Current state; SUCCESS only after the receiver acknowledged the done marker."""
 
+    def warm_up(self, address: str) -> bool:
+        """Start opening the link to the receiver at ``address`` ("host:port") in the background, so
+        the first transfer to it does not pay for the setup. True if this call started it; False if
+        the link is open or opening already, or the transport has nothing to open. Never raises for an
+        unreachable receiver: the first transfer then tries again (and fails as it would have)."""
+        return False
+
     @abstractmethod
     def error(self, handle: TransferHandle) -> str | None:
         """Why the transfer FAILED, else None."""

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from kv_transfer.base import KVLayout, KVSender, TransferHandle, TransferState, check_piece
 from kv_transfer.blocks import BlockMover, CacheBlocks, aligned_message_bytes
-from kv_transfer.pair import Backend
+from kv_transfer.pair import Backend, parse_address
 from kv_transfer.sender_link import Job, Link, Outgoing, SenderConnection
 from kv_transfer.staging import PieceViews, Staging, StagingPool, message_blocks
 from kv_transfer.wire import CHECKSUMS, Checksum, as_secret, checksum, piece_header
@@ -100,6 +100,16 @@ class DistKVSender(KVSender):
             if link is None:
                 link = self._links[handle.address] = Link(self, handle.address)
         link.submit(Job(outgoing, dst_block_offset, piece_index, last, src), kv_cache)
+
+    def warm_up(self, address: str) -> bool:
+        parse_address(address)  # a malformed address is the caller's error, not a failed link
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("sender is closed")
+            link = self._links.get(address)
+            if link is None:
+                link = self._links[address] = Link(self, address)
+        return link.open_soon()
 
     def poll(self, handle: TransferHandle) -> TransferState:
         with self._lock:

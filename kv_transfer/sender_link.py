@@ -6,6 +6,8 @@ frames and NCCL operations keep one order on the pair, whoever posts: the caller
 and done marker is owed exactly one answer, in posting order; the link thread reads them and settles
 the transfers. A link that fails is torn down: every transfer it owes an answer to, or that has
 pieces on it, fails (the receiver fails its side the same way); queued pieces open a fresh one.
+``open_soon`` (``KVSender.warm_up``) has the link thread open the connection before any piece needs
+it, so the first transfer finds the pair built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import logging
 import socket
 import threading
 import time
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
     from kv_transfer.dist_sender import DistKVSender
 
 Message = kv_transfer_pb2.ControlMessage
+log = logging.getLogger(__name__)
 LINK_ERRORS = (PeerGone, TimeoutError, OSError, RuntimeError, ValueError, KeyError)
 FRAME_TIMEOUT = 5.0  # seconds a control frame may take to enter the socket before the link is dead
 
@@ -181,6 +185,7 @@ class Link:
         self._queued: collections.deque[Job] = collections.deque()
         self._owed: collections.deque[_Owed] = collections.deque()
         self._active_transfers: dict[int, Outgoing] = {}  # unfinished, with pieces on this connection
+        self._open_wanted = False  # warm_up asked for the connection before any piece needs it
         self._stopped = False
         self.thread = threading.Thread(target=self._run, name=f"kv-send-{address}", daemon=True)
         self.thread.start()
@@ -214,6 +219,16 @@ class Link:
             with self._changed:
                 self._queued.append(job)
                 self._changed.notify_all()
+
+    def open_soon(self) -> bool:
+        """Have the link thread open the connection now (``KVSender.warm_up``); False if it is open
+        or opening already."""
+        with self._changed:
+            if self.connection is not None or self._open_wanted:
+                return False
+            self._open_wanted = True
+            self._changed.notify_all()
+            return True
 
     def stop(self) -> None:
         with self._changed:
@@ -275,15 +290,7 @@ class Link:
         if connection is None:
             sender = self.sender
             try:
-                connection = SenderConnection.open(
-                    self.address,
-                    backend=sender.backend,
-                    secret=sender.secret,
-                    sender_id=sender.sender_id,
-                    local_host=sender.host,
-                    deadline=head.outgoing.handle.deadline,
-                    group_timeout=sender.group_timeout,
-                )
+                connection = self._open(head.outgoing.handle.deadline)
             except (TransferError, *LINK_ERRORS) as exc:  # this job fails; the next one tries afresh
                 with self._changed:
                     self._queued.popleft()
@@ -303,6 +310,32 @@ class Link:
                         job.outgoing, TransferState.FAILED, f"link to {self.address} failed: {exc}"
                     )
                     raise
+
+    def _open(self, deadline: float) -> SenderConnection:
+        sender = self.sender
+        return SenderConnection.open(
+            self.address,
+            backend=sender.backend,
+            secret=sender.secret,
+            sender_id=sender.sender_id,
+            local_host=sender.host,
+            deadline=deadline,
+            group_timeout=sender.group_timeout,
+        )
+
+    def _open_ahead(self) -> None:
+        """Open the connection before any piece needs it (the link thread); a failure is only logged:
+        the first piece then opens it as it would have."""
+        try:
+            if self.connection is None:
+                connection = self._open(time.time() + self.sender.group_timeout)
+                with self.post_lock:
+                    self.connection = connection
+        except (TransferError, *LINK_ERRORS) as exc:
+            log.info("KV link to %s not opened ahead: %s", self.address, exc)
+        finally:
+            with self._changed:
+                self._open_wanted = False
 
     # ---------------------------------------------------------------------------------- answers
 
@@ -369,13 +402,15 @@ class Link:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             while True:
                 with self._changed:
-                    while not (self._stopped or self._queued or self._owed):
+                    while not (self._stopped or self._queued or self._owed or self._open_wanted):
                         self._changed.wait()
                     if self._stopped:
                         break
-                    queued = bool(self._queued)
+                    queued, opening = bool(self._queued), self._open_wanted
                 try:
-                    if queued:
+                    if opening:
+                        self._open_ahead()
+                    elif queued:
                         self._post_queued()
                     else:
                         self._read_answer()

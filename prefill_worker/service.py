@@ -95,6 +95,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     def GetKVEvents(self, request, context):
         return kv_events_response(self.worker, request.after_sequence)
 
+    def Connect(self, request, context):
+        try:
+            opening = self.worker.connect(request.kv_transfer_addresses)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return worker_pb2.ConnectResponse(opening=opening)
+
 
 def _result(out, kv_pending: bool) -> worker_pb2.PrefillResult:
     result = worker_pb2.PrefillResult(

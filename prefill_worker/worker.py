@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 
 from engine.builder import load_worker_engine
@@ -13,8 +14,12 @@ from engine.host import EngineHost
 from engine.metrics import KVTransferMetrics
 from engine.sampling.params import SamplingParams
 from kv_transfer.base import KVLayout, KVSender, TransferHandle
+from kv_transfer.pair import parse_address
 from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.scheduler import PrefillFailed, PrefillOutcome, PrefillTransfers
+
+log = logging.getLogger(__name__)
+MAX_CONNECT_ADDRESSES = 1024  # decode workers one Connect call may name
 
 
 def make_sender(transport: str, device, secret: str, worker_id: str, host: str, loopback_hub=None) -> KVSender:
@@ -123,6 +128,19 @@ class PrefillWorker:
             return self.host.loop.call(cancel)
         except RuntimeError:
             return False
+
+    def connect(self, kv_transfer_addresses: Sequence[str]) -> int:
+        """Open KV links to these decode workers ahead of their first transfer; how many started
+        opening. Raises ValueError for a malformed address or too many at once (before opening any)."""
+        addresses = list(dict.fromkeys(kv_transfer_addresses))
+        if len(addresses) > MAX_CONNECT_ADDRESSES:
+            raise ValueError(f"{len(addresses)} addresses at once; at most {MAX_CONNECT_ADDRESSES}")
+        for address in addresses:
+            parse_address(address)
+        opening = [address for address in addresses if self.sender.warm_up(address)]
+        if opening:
+            log.info("opening KV links to %s ahead of their first transfer", ", ".join(opening))
+        return len(opening)
 
     def healthy(self) -> bool:
         return self.host.loop.alive

@@ -39,6 +39,7 @@ from baton.grpc_auth import aio_channel
 from baton.tracing import SequenceTiming, request_id_metadata
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router.backend import BackendError, BackendErrorKind, GenerateRequest, ModelInfo, Route, TokenEvent
+from router.link_warmer import LinkWarmer
 from router.placement.base import PlacementStore, WorkerRecord
 from router.policy import Pairing, PairingPolicy, eligible, place
 from router.wire import event_from_chunk, sampling_to_proto, token_logprobs
@@ -144,6 +145,7 @@ class ClusterBackend:
         self._active: dict[str, _Active] = {}
         self._ready = False
         self._refresher: asyncio.Task[None] | None = None
+        self._links = LinkWarmer(self._channel)
 
     # -- lifecycle and readiness --------------------------------------------------------------
 
@@ -158,13 +160,16 @@ class ClusterBackend:
         return self._ready
 
     async def refresh(self) -> bool:
-        """Re-read the registry: ready iff a decode worker of our model is live."""
+        """Re-read the registry: ready iff a decode worker of our model is live. New prefill-decode
+        pairs are asked to open their KV link now (router/link_warmer.py)."""
         try:
-            _, decode = eligible(await self.store.live_workers(), self.config.model_fingerprint)
+            prefill, decode = eligible(await self.store.live_workers(), self.config.model_fingerprint)
             self._ready = bool(decode)
         except Exception:
             log.exception("placement store unreachable; reporting not ready")
             self._ready = False
+            return False
+        self._links.update(prefill, decode)
         return self._ready
 
     async def start(self) -> None:
@@ -181,6 +186,7 @@ class ClusterBackend:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        await self._links.close()
         channels, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 

@@ -16,7 +16,7 @@ _sym_db = _symbol_database.Default()
 from baton.v1 import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xe7\x01\n\x08KVTarget\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x11\n\thandle_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\"\n\x06layout\x18\x06 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\x03\x12\x19\n\x11\x66irst_block_index\x18\x08 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\")\n\x0fKVEventsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"N\n\x10KVEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.baton.v1.KVEvent\x12\x17\n\x0foldest_sequence\x18\x02 \x01(\x04\"\xa6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12%\n\tkv_target\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVTarget\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\x03\"\xe7\x02\n\rPrefillResult\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x38\n\x13\x66irst_token_logprob\x18\x02 \x01(\x0b\x32\x16.baton.v1.TokenLogprobH\x00\x88\x01\x01\x12<\n\x18\x66irst_token_top_logprobs\x18\x03 \x01(\x0b\x32\x15.baton.v1.TopLogprobsH\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12\x1e\n\x16num_transferred_blocks\x18\x06 \x01(\x05\x12\x12\n\nprefill_ms\x18\x07 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x08 \x01(\x01\x12\x12\n\nkv_pending\x18\t \x01(\x08\x42\x16\n\x14_first_token_logprobB\x1b\n\x19_first_token_top_logprobs\"i\n\x0fPrefillResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x17.baton.v1.PrefillResultH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\t\n\x07outcome\"\x99\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\"d\n\x0fReserveResponse\x12$\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.v1.KVTargetH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\t\n\x07outcome\"\xac\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x38\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprobH\x01\x88\x01\x01\x12<\n\x18\x66irst_token_top_logprobs\x18\x04 \x01(\x0b\x32\x15.baton.v1.TopLogprobsH\x02\x88\x01\x01\x12\x15\n\rlocal_prefill\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\x03\x42\x11\n\x0f_first_token_idB\x16\n\x14_first_token_logprobB\x1b\n\x19_first_token_top_logprobs\"d\n\x0e\x44\x65\x63odeResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.baton.v1.TokenChunkH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\t\n\x07payload\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x9f\x03\n\x0ePrefillService\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x46\n\rPrefillStream\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x07GetInfo\x12\x18.baton.v1.GetInfoRequest\x1a\x14.baton.v1.WorkerInfo\x12J\n\x0bHealthCheck\x12\x1c.baton.v1.HealthCheckRequest\x1a\x1d.baton.v1.HealthCheckResponse\x12\x44\n\x0bGetKVEvents\x12\x19.baton.v1.KVEventsRequest\x1a\x1a.baton.v1.KVEventsResponse2\x95\x03\n\rDecodeService\x12>\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x19.baton.v1.ReserveResponse\x12=\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x07GetInfo\x12\x18.baton.v1.GetInfoRequest\x1a\x14.baton.v1.WorkerInfo\x12J\n\x0bHealthCheck\x12\x1c.baton.v1.HealthCheckRequest\x1a\x1d.baton.v1.HealthCheckResponse\x12\x44\n\x0bGetKVEvents\x12\x19.baton.v1.KVEventsRequest\x1a\x1a.baton.v1.KVEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xe7\x01\n\x08KVTarget\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x11\n\thandle_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\"\n\x06layout\x18\x06 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\x03\x12\x19\n\x11\x66irst_block_index\x18\x08 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\"/\n\x0e\x43onnectRequest\x12\x1d\n\x15kv_transfer_addresses\x18\x01 \x03(\t\"\"\n\x0f\x43onnectResponse\x12\x0f\n\x07opening\x18\x01 \x01(\x05\")\n\x0fKVEventsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"N\n\x10KVEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.baton.v1.KVEvent\x12\x17\n\x0foldest_sequence\x18\x02 \x01(\x04\"\xa6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12%\n\tkv_target\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVTarget\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\x03\"\xe7\x02\n\rPrefillResult\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x38\n\x13\x66irst_token_logprob\x18\x02 \x01(\x0b\x32\x16.baton.v1.TokenLogprobH\x00\x88\x01\x01\x12<\n\x18\x66irst_token_top_logprobs\x18\x03 \x01(\x0b\x32\x15.baton.v1.TopLogprobsH\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12\x1e\n\x16num_transferred_blocks\x18\x06 \x01(\x05\x12\x12\n\nprefill_ms\x18\x07 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x08 \x01(\x01\x12\x12\n\nkv_pending\x18\t \x01(\x08\x42\x16\n\x14_first_token_logprobB\x1b\n\x19_first_token_top_logprobs\"i\n\x0fPrefillResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x17.baton.v1.PrefillResultH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\t\n\x07outcome\"\x99\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\"d\n\x0fReserveResponse\x12$\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.v1.KVTargetH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\t\n\x07outcome\"\xac\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x38\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x16.baton.v1.TokenLogprobH\x01\x88\x01\x01\x12<\n\x18\x66irst_token_top_logprobs\x18\x04 \x01(\x0b\x32\x15.baton.v1.TopLogprobsH\x02\x88\x01\x01\x12\x15\n\rlocal_prefill\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\x03\x42\x11\n\x0f_first_token_idB\x16\n\x14_first_token_logprobB\x1b\n\x19_first_token_top_logprobs\"d\n\x0e\x44\x65\x63odeResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.baton.v1.TokenChunkH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\t\n\x07payload\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xdf\x03\n\x0ePrefillService\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x46\n\rPrefillStream\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x07GetInfo\x12\x18.baton.v1.GetInfoRequest\x1a\x14.baton.v1.WorkerInfo\x12J\n\x0bHealthCheck\x12\x1c.baton.v1.HealthCheckRequest\x1a\x1d.baton.v1.HealthCheckResponse\x12\x44\n\x0bGetKVEvents\x12\x19.baton.v1.KVEventsRequest\x1a\x1a.baton.v1.KVEventsResponse\x12>\n\x07\x43onnect\x12\x18.baton.v1.ConnectRequest\x1a\x19.baton.v1.ConnectResponse2\x95\x03\n\rDecodeService\x12>\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x19.baton.v1.ReserveResponse\x12=\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x39\n\x07GetInfo\x12\x18.baton.v1.GetInfoRequest\x1a\x14.baton.v1.WorkerInfo\x12J\n\x0bHealthCheck\x12\x1c.baton.v1.HealthCheckRequest\x1a\x1d.baton.v1.HealthCheckResponse\x12\x44\n\x0bGetKVEvents\x12\x19.baton.v1.KVEventsRequest\x1a\x1a.baton.v1.KVEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -25,30 +25,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVTARGET']._serialized_start=59
   _globals['_KVTARGET']._serialized_end=290
-  _globals['_KVEVENTSREQUEST']._serialized_start=292
-  _globals['_KVEVENTSREQUEST']._serialized_end=333
-  _globals['_KVEVENTSRESPONSE']._serialized_start=335
-  _globals['_KVEVENTSRESPONSE']._serialized_end=413
-  _globals['_PREFILLREQUEST']._serialized_start=416
-  _globals['_PREFILLREQUEST']._serialized_end=582
-  _globals['_PREFILLRESULT']._serialized_start=585
-  _globals['_PREFILLRESULT']._serialized_end=944
-  _globals['_PREFILLRESPONSE']._serialized_start=946
-  _globals['_PREFILLRESPONSE']._serialized_end=1051
-  _globals['_RESERVEREQUEST']._serialized_start=1054
-  _globals['_RESERVEREQUEST']._serialized_end=1207
-  _globals['_RESERVERESPONSE']._serialized_start=1209
-  _globals['_RESERVERESPONSE']._serialized_end=1309
-  _globals['_DECODEREQUEST']._serialized_start=1312
-  _globals['_DECODEREQUEST']._serialized_end=1612
-  _globals['_DECODERESPONSE']._serialized_start=1614
-  _globals['_DECODERESPONSE']._serialized_end=1714
-  _globals['_ABORTREQUEST']._serialized_start=1716
-  _globals['_ABORTREQUEST']._serialized_end=1766
-  _globals['_ABORTRESPONSE']._serialized_start=1768
-  _globals['_ABORTRESPONSE']._serialized_end=1798
-  _globals['_PREFILLSERVICE']._serialized_start=1801
-  _globals['_PREFILLSERVICE']._serialized_end=2216
-  _globals['_DECODESERVICE']._serialized_start=2219
-  _globals['_DECODESERVICE']._serialized_end=2624
+  _globals['_CONNECTREQUEST']._serialized_start=292
+  _globals['_CONNECTREQUEST']._serialized_end=339
+  _globals['_CONNECTRESPONSE']._serialized_start=341
+  _globals['_CONNECTRESPONSE']._serialized_end=375
+  _globals['_KVEVENTSREQUEST']._serialized_start=377
+  _globals['_KVEVENTSREQUEST']._serialized_end=418
+  _globals['_KVEVENTSRESPONSE']._serialized_start=420
+  _globals['_KVEVENTSRESPONSE']._serialized_end=498
+  _globals['_PREFILLREQUEST']._serialized_start=501
+  _globals['_PREFILLREQUEST']._serialized_end=667
+  _globals['_PREFILLRESULT']._serialized_start=670
+  _globals['_PREFILLRESULT']._serialized_end=1029
+  _globals['_PREFILLRESPONSE']._serialized_start=1031
+  _globals['_PREFILLRESPONSE']._serialized_end=1136
+  _globals['_RESERVEREQUEST']._serialized_start=1139
+  _globals['_RESERVEREQUEST']._serialized_end=1292
+  _globals['_RESERVERESPONSE']._serialized_start=1294
+  _globals['_RESERVERESPONSE']._serialized_end=1394
+  _globals['_DECODEREQUEST']._serialized_start=1397
+  _globals['_DECODEREQUEST']._serialized_end=1697
+  _globals['_DECODERESPONSE']._serialized_start=1699
+  _globals['_DECODERESPONSE']._serialized_end=1799
+  _globals['_ABORTREQUEST']._serialized_start=1801
+  _globals['_ABORTREQUEST']._serialized_end=1851
+  _globals['_ABORTRESPONSE']._serialized_start=1853
+  _globals['_ABORTRESPONSE']._serialized_end=1883
+  _globals['_PREFILLSERVICE']._serialized_start=1886
+  _globals['_PREFILLSERVICE']._serialized_end=2365
+  _globals['_DECODESERVICE']._serialized_start=2368
+  _globals['_DECODESERVICE']._serialized_end=2773
 # @@protoc_insertion_point(module_scope)

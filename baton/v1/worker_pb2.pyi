@@ -29,6 +29,18 @@ class KVTarget(_message.Message):
     model_fingerprint: str
     def __init__(self, decode_worker_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., handle_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., first_block_index: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
+class ConnectRequest(_message.Message):
+    __slots__ = ("kv_transfer_addresses",)
+    KV_TRANSFER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    kv_transfer_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kv_transfer_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConnectResponse(_message.Message):
+    __slots__ = ("opening",)
+    OPENING_FIELD_NUMBER: _ClassVar[int]
+    opening: int
+    def __init__(self, opening: _Optional[int] = ...) -> None: ...
+
 class KVEventsRequest(_message.Message):
     __slots__ = ("after_sequence",)
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]

@@ -48,6 +48,11 @@ class PrefillServiceStub:
                 request_serializer=baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_worker__pb2.KVEventsResponse.FromString,
                 _registered_method=True)
+        self.Connect = channel.unary_unary(
+                '/baton.v1.PrefillService/Connect',
+                request_serializer=baton_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -96,6 +101,15 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Connect(self, request, context):
+        """Open KV links to these decode workers now, so that their first transfer does not pay for the
+        pair's setup (building an NCCL communicator takes up to a second). Answers at once; the links
+        open in the background, and one that cannot is simply opened again by the first transfer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.GetKVEvents,
                     request_deserializer=baton_dot_v1_dot_worker__pb2.KVEventsRequest.FromString,
                     response_serializer=baton_dot_v1_dot_worker__pb2.KVEventsResponse.SerializeToString,
+            ),
+            'Connect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.ConnectRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_worker__pb2.ConnectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -292,6 +311,33 @@ class PrefillService:
             '/baton.v1.PrefillService/GetKVEvents',
             baton_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
             baton_dot_v1_dot_worker__pb2.KVEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.PrefillService/Connect',
+            baton_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
+            baton_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -117,8 +117,10 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
     error: int | None = None  # an ErrorCode to fail Prefill with
     error_after_first: int | None = None  # PrefillStream: fail with this ErrorCode after the first token
     kv_landed: asyncio.Event | None = None  # PrefillStream: its second answer waits for this
+    connect_status: grpc.StatusCode | None = None  # fail Connect with this status
     prefills: list[worker_pb2.PrefillRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
+    connects: list[list[str]] = field(default_factory=list)  # the KV addresses of each Connect call
 
     async def Prefill(self, request, context):
         self.prefills.append(request)
@@ -161,6 +163,12 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
 
     async def GetInfo(self, request, context):
         return info(self.worker_id, common_pb2.WORKER_ROLE_PREFILL, self.address)
+
+    async def Connect(self, request, context):
+        self.connects.append(list(request.kv_transfer_addresses))
+        if self.connect_status is not None:
+            await context.abort(self.connect_status, "cannot open links now")
+        return worker_pb2.ConnectResponse(opening=len(request.kv_transfer_addresses))
 
     async def GetKVEvents(self, request, context):
         return no_kv_events(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
+import grpc
 import pytest
 
 from baton.v1 import common_pb2
@@ -25,13 +26,17 @@ class Cluster:
         self.stack = stack
         self.store = store
         self.workers: dict[str, FakeDecode | FakePrefill] = {}
+        self.records: dict[str, WorkerRecord] = {}
 
-    async def add(self, servicer: FakeDecode | FakePrefill, fingerprint: str = FP) -> None:
+    async def add(self, servicer: FakeDecode | FakePrefill, fingerprint: str = FP, kv_address: str = "") -> None:
         server = await self.stack.enter_async_context(WorkerServer(servicer))
         role = WorkerRole.DECODE if isinstance(servicer, FakeDecode) else WorkerRole.PREFILL
-        record = WorkerRecord(servicer.worker_id, role, server.address, fingerprint, 4, 1000, 1000)
+        record = WorkerRecord(
+            servicer.worker_id, role, server.address, fingerprint, 4, 1000, 1000, kv_transfer_address=kv_address
+        )
         await self.store.register(record, ttl_s=60)
         self.workers[servicer.worker_id] = servicer
+        self.records[servicer.worker_id] = record
 
 
 @pytest.fixture
@@ -325,5 +330,53 @@ async def test_readiness_follows_the_registry(cluster: Cluster) -> None:
         assert b.ready()
         events = await collect(b, req(prompt=SHORT, max_tokens=2))
         assert events[0].route.decode_worker == "d0"
+    finally:
+        await b.close()
+
+
+async def _settled(b: ClusterBackend) -> None:
+    """Refresh, then let the Connect calls it started finish."""
+    await b.refresh()
+    await asyncio.gather(*list(b._links._calls))
+
+
+async def test_prefill_workers_are_asked_to_open_kv_links_once_per_pair(cluster: Cluster) -> None:
+    await cluster.add(FakePrefill("p0"))
+    await cluster.add(FakeDecode("d0"), kv_address="10.0.0.1:7001")
+    await cluster.add(FakeDecode("d1"), kv_address="10.0.0.2:7001")
+    await cluster.add(FakeDecode("d2"), fingerprint="other", kv_address="10.0.0.3:7001")  # not our model
+    b = backend(cluster)
+    try:
+        await _settled(b)
+        p0 = cluster.workers["p0"]
+        assert p0.connects == [["10.0.0.1:7001", "10.0.0.2:7001"]]
+        await _settled(b)
+        assert len(p0.connects) == 1, "asked again about pairs already asked about"
+
+        await cluster.add(FakePrefill("p1"))  # a new prefill worker: asked about every decode worker
+        await _settled(b)
+        assert cluster.workers["p1"].connects == [["10.0.0.1:7001", "10.0.0.2:7001"]]
+        assert len(p0.connects) == 1
+
+        await cluster.store.deregister("d1")  # gone, then back (say, restarted): asked again
+        await _settled(b)
+        await cluster.store.register(cluster.records["d1"], ttl_s=60)
+        await _settled(b)
+        assert p0.connects[1:] == [["10.0.0.2:7001"]] and cluster.workers["p1"].connects[1:] == [["10.0.0.2:7001"]]
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize("status", ["UNAVAILABLE", "UNIMPLEMENTED"])
+async def test_a_failed_link_request_is_retried_unless_the_worker_lacks_the_call(cluster: Cluster, status) -> None:
+    await cluster.add(FakePrefill("p0", connect_status=getattr(grpc.StatusCode, status)))
+    await cluster.add(FakeDecode("d0"), kv_address="10.0.0.1:7001")
+    b = backend(cluster)
+    try:
+        await _settled(b)
+        await _settled(b)
+        asked = cluster.workers["p0"].connects
+        assert asked == ([["10.0.0.1:7001"]] * 2 if status == "UNAVAILABLE" else [["10.0.0.1:7001"]])
+        assert b.ready()  # a worker that cannot open links ahead still serves
     finally:
         await b.close()

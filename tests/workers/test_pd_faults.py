@@ -172,3 +172,29 @@ def test_peer_that_never_answers(pair):
         d.wait_idle_and_clean()
     finally:
         silent.close()
+
+
+def test_connect_opens_the_kv_link_ahead_of_the_first_transfer(pair):
+    """The router's warm-up: P opens its link to D before any request needs it; bad input is refused."""
+    p, d = pair
+    pstub, dstub = _stubs(p, d)
+    kv_address = d.info().kv_transfer_address
+    assert kv_address
+    first = pstub.Connect(worker_pb2.ConnectRequest(kv_transfer_addresses=[kv_address]), metadata=MD, timeout=10)
+    assert first.opening == 1
+    again = pstub.Connect(worker_pb2.ConnectRequest(kv_transfer_addresses=[kv_address, kv_address]), metadata=MD, timeout=10)
+    assert again.opening == 0, "open or opening already: not opened twice"
+    with pytest.raises(grpc.RpcError) as err:
+        pstub.Connect(worker_pb2.ConnectRequest(kv_transfer_addresses=["no-port"]), metadata=MD, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "host:port" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        pstub.Connect(worker_pb2.ConnectRequest(kv_transfer_addresses=[kv_address]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The first request over the opened link goes through as any other.
+    prompt = LONG_PROMPT[:50]
+    target = _reserve(dstub, "warm", prompt)
+    r = pstub.Prefill(worker_pb2.PrefillRequest(request_id="warm", prompt_token_ids=prompt, sampling=GREEDY, kv_target=target, deadline_ms=_deadline_ms(30)), metadata=MD, timeout=60)
+    assert r.HasField("result"), r.error
+    dstub.Abort(worker_pb2.AbortRequest(request_id="warm"), metadata=MD, timeout=10)
+    p.wait_idle_and_clean()
+    d.wait_idle_and_clean()
