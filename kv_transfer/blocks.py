@@ -79,10 +79,9 @@ class CacheBlocks:
 
     def __init__(self, kv_cache: torch.Tensor) -> None:
         self.cache = kv_cache
-        self.words = as_words(blocks_first(kv_cache))
-        self.rows = None
-        if blocks_first(kv_cache).is_contiguous():
-            self.rows = blocks_first(kv_cache).reshape(kv_cache.shape[2], -1).view(torch.uint8)
+        blocks = blocks_first(kv_cache)
+        self.words = as_words(blocks)
+        self.rows = blocks.reshape(len(blocks), -1).view(torch.uint8) if blocks.is_contiguous() else None
 
 
 def index_tensor(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
