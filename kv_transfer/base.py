@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kv_transfer.blocks import blocks_first
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -266,13 +268,13 @@ def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> tup
 def gather_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
     """One contiguous block-major ``[n, num_layers, 2, block_size, heads, head_dim]`` copy of the blocks."""
     index = torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
-    return kv_cache.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()
+    return blocks_first(kv_cache).index_select(0, index).contiguous()
 
 
 def scatter_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int], piece: torch.Tensor) -> None:
     """Write a block-major piece into ``kv_cache[:, :, block_ids]`` (in place)."""
     index = torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
-    kv_cache.index_copy_(2, index, piece.permute(1, 2, 0, 3, 4, 5))
+    blocks_first(kv_cache).index_copy_(0, index, piece)
 
 
 def check_piece(

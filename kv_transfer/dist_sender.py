@@ -198,20 +198,29 @@ class DistKVSender(KVSender):
 
     def post_piece(
         self, job: Job, kv_cache: torch.Tensor, connection: SenderConnection, deadline: float
-    ) -> tuple[list[dist.Work], Staging, PieceViews]:
+    ) -> tuple[list[dist.Work], Staging | None, PieceViews | None]:
         """The direct path: header first, then per message its bytes (straight from a block-major
-        cache where its blocks are consecutive there, else gathered) and its send."""
+        cache where its blocks are consecutive there, else gathered) and its send. A staging buffer
+        is taken only for a piece with something to gather (None when every message left the cache)."""
         handle, src = job.outgoing.handle, job.src
         layout, device = handle.layout, self.backend.device
         shape, payload, message_bytes, num_messages = self.framing(layout, len(src))
         dtype = layout.torch_dtype
-        staging = self._pool.acquire()
+        staging: Staging | None = None
+        views: PieceViews | None = None
+
+        def staged() -> PieceViews:
+            nonlocal staging, views
+            if views is None:
+                staging = self._pool.acquire()
+                views = staging.views(payload, message_bytes, num_messages)
+            return views
+
         try:
-            views = staging.views(payload, message_bytes, num_messages)
             cache = self.cache_blocks(kv_cache)
             word, mover = cache.words.dtype, BlockMover(src, device)
             if self.checksum != Checksum.CHECKSUM_ALGORITHM_NONE:  # the digest needs every byte first
-                mover.gather(cache.words, views.slab(shape, dtype, word, 0, len(src)), 0, len(src))
+                mover.gather(cache.words, staged().slab(shape, dtype, word, 0, len(src)), 0, len(src))
                 digest = checksum(self.checksum, views.flat)
                 connection.send_header(self._header(job, message_bytes, digest), deadline)
                 works = connection.post_messages(views.messages)
@@ -222,19 +231,20 @@ class DistKVSender(KVSender):
                 for tag, (lo, hi) in enumerate(plan):
                     message = mover.direct(cache, lo, hi)
                     if message is None:
-                        mover.gather(cache.words, views.slab(shape, dtype, word, lo, hi), lo, hi)
+                        mover.gather(cache.words, staged().slab(shape, dtype, word, lo, hi), lo, hi)
                         message = views.messages[tag]
                     else:
                         job.outgoing.reads_cache = True
                     # Each NCCL send waits for the current stream as it is now: for its own gather.
                     works.append(connection.post_message(message, tag))
         except BaseException:
-            # Never hand it out again, and free it only after the copies queued into it ran.
-            self._pool.discard(staging)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()
+            if staging is not None:  # never hand it out again, and free it only after its copies ran
+                self._pool.discard(staging)
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).synchronize()
             raise
-        staging.lend(works[-1])
+        if staging is not None:
+            staging.lend(works[-1])
         return works, staging, views
 
     def discard_staging(self, staging: Staging) -> None:

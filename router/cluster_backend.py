@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from baton.grpc_auth import aio_channel
+from baton.settings import FIRST_TOKEN_SOURCES
 from baton.tracing import SequenceTiming, request_id_metadata
 from baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router.backend import BackendError, BackendErrorKind, GenerateRequest, ModelInfo, Route, TokenEvent
@@ -64,8 +65,8 @@ class ClusterConfig:
     first_token_from: str = "prefill"  # "prefill" | "decode": who streams a split request's first token
 
     def __post_init__(self) -> None:
-        if self.first_token_from not in ("prefill", "decode"):
-            raise ValueError(f"first_token_from must be prefill or decode, got {self.first_token_from!r}")
+        if self.first_token_from not in FIRST_TOKEN_SOURCES:
+            raise ValueError(f"first_token_from must be one of {FIRST_TOKEN_SOURCES}, got {self.first_token_from!r}")
 
 
 _KIND_BY_ERROR = {
