@@ -109,7 +109,10 @@ class Tracer:
 
         _Connection._receive_piece, ReservationTable.finish = receive_piece, finish
         ticket_key = lambda _, t, *a: t.handle_id  # noqa: E731
-        self.wrap(_Connection, "_post_receives", lambda _, v, h: h.handle_id, None, "receives posted")
+        self.wrap(
+            _Connection, "_post_receives", lambda _, b, h, *a, **k: h.handle_id, None, "receives posted",
+            numbered=True,
+        )
         self.wrap(ReservationTable, "accept_header", lambda _, h, *a, **k: h.handle_id, None, "header ok")
         self.wrap(_Connection, "_wait", lambda _, w, h, d: h.handle_id, None, "message in", numbered=True)
         self.wrap(

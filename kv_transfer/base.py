@@ -18,15 +18,16 @@ KV cache layout (engine/attention/base.py), one tensor for all layers::
 head_dim]`` contiguous: moved as raw bytes in large messages of whole blocks, and scattered into
 ``kv_cache[:, :, dst_block_ids]`` on arrival. Transports may pipeline this a few blocks at a time
 (gather the next message's blocks while earlier ones are on the wire, or send them straight from a
-block-major cache; land the blocks a message completes while the next message arrives).
+block-major cache; land the blocks a message completes while the next message arrives, or receive
+them straight into a block-major cache once the descriptor passed).
 
 Invariants every transport keeps:
 - No byte lands in a destination block before the piece's descriptor was validated against the
   reservation (request id, handle id, block ids, layer count, dtype, shape).
-- Only bytes the sender sent land, whole blocks at a time; with a checksum, none land
-  before the whole piece is verified. Without one, a piece that fails mid-way may leave some reserved
-  blocks written: the reservation is then FAILED, and a FAILED reservation's blocks hold no valid KV
-  (the caller frees them and never reads them as a prompt's cache).
+- Only bytes the sender sent land; with a checksum, none land before the whole piece is verified.
+  Without one, a piece that fails mid-way may leave some reserved blocks written (partly, where they
+  were received in place): the reservation is then FAILED, and a FAILED reservation's blocks hold no
+  valid KV (the caller frees them and never reads them as a prompt's cache).
 - Blocks outside the reservation are never written.
 - After ``KVReceiver.release(handle)`` returns, no further byte of that transfer is written to the cache,
   so the caller may free and reuse the blocks.
@@ -48,6 +49,11 @@ from dataclasses import dataclass
 import torch
 
 from kv_transfer.blocks import blocks_first
+
+# How long a ``release`` waits for the transfer's operations still reading (sender) or writing
+# (receiver) the caller's blocks before it cuts the link off: a live peer finishes a piece within
+# milliseconds, and cutting the link also fails the other transfers on it.
+RELEASE_WAIT_S = 0.5
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -2,13 +2,17 @@
 
 Threads: one accepts control connections on ``host:port``; each connection gets its own thread (and,
 on a GPU, its own stream) that authenticates the peer, builds the pair's process group on request, and
-serves pieces one at a time (wire protocol: kv_transfer/wire.py). Bytes arrive into a staging buffer
-taken from the receiver's pool for the piece (reused and grown on demand, its views cut once per
-piece size; see kv_transfer/staging.py), never straight into the cache. The receives are posted as soon as the header's framing is sane, before anything else.
-Without a checksum, the blocks each message completes are landed in the reserved blocks while the
-next message is in flight; with one, the whole piece is verified first and then landed. Either way
-only whole blocks of received bytes are ever written (a landing copy reads only staging bytes a
-message of this piece was seen to fill), and a piece that fails mid-way fails its reservation.
+serves pieces one at a time (wire protocol: kv_transfer/wire.py).
+
+A piece's first message is received into a staging buffer taken from the receiver's pool (reused and
+grown on demand, its views cut once per piece size; see kv_transfer/staging.py), posted as soon as the
+header's framing is sane, before anything else. The header is validated while it arrives; only then
+are the other receives posted, straight into the reserved blocks where the cache is block-major and
+a message's blocks are consecutive there, else into staging. Without a checksum, the blocks each
+staged message completes are landed while the next message is in flight; with one, the whole piece
+is staged, verified, then landed. A landing copy reads only staging bytes a message of this piece was
+seen to fill; a piece that fails mid-way fails its reservation (whose blocks may then hold part of
+it). A release waits for receives into its blocks, and cuts the sender off if they do not finish.
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ class DistKVReceiver(KVReceiver):
     """Accepts KV from authenticated senders into ``kv_cache`` (which must live on ``device``).
 
     ``staging_buffers``: how many pieces (across all senders) are received at once into reused
-    buffers; more at once get a one-off buffer each.
+    buffers; more at once get a one-off buffer each. ``receive_in_place``: receive messages straight
+    into the reserved blocks where the cache allows; by default only over NCCL, where a sender that
+    stalls mid-piece is cut off within milliseconds of a release (a gloo receive waits out its
+    deadline, and so would that release).
     """
 
     def __init__(
@@ -73,8 +80,10 @@ class DistKVReceiver(KVReceiver):
         group_timeout: float = 60.0,
         max_connections: int = 256,
         staging_buffers: int = 4,
+        receive_in_place: bool | None = None,
     ) -> None:
         self._backend = Backend(backend, kv_cache.device)
+        self._receive_in_place = backend == "nccl" if receive_in_place is None else receive_in_place
         self._secret = as_secret(secret)
         self._host = host
         self._handshake_timeout = handshake_timeout
@@ -206,6 +215,7 @@ class _Connection:
         finally:
             receiver._table.fail_owner(self, reason)
             teardown_group(self.group)
+            receiver._table.writer_gone(self)  # its receives into reserved blocks were aborted
             with contextlib.suppress(OSError):
                 self.sock.close()
             receiver._forget(self)
@@ -286,23 +296,32 @@ class _Connection:
     def _serve_piece(self, header: kv_transfer_pb2.TransferHeader, views: PieceViews) -> None:
         """Post the receives, validate, land (or drain), answer; returns only once all of it is done.
 
+        The first message's receive goes into staging at once; the header is validated while it
+        arrives. Only then are the other receives posted: straight into the reserved blocks where the
+        cache allows (``ReservationTable.cache_targets``), else into staging, whose blocks land as
+        their messages complete.
+
         A TransferError here is the piece's refusal, answered with a Nack; any other exception leaves
         receives or scatters pending and ends the connection.
         """
         table, receiver = self.receiver._table, self.receiver
         t0 = time.perf_counter()
-        works = self._post_receives(views, header)
+        works = self._post_receives(views.messages[:1], header)
         t1 = time.perf_counter()
         try:
             ticket = table.accept_header(header, owner=self, views=views, stream=self.stream)
         except TransferError as exc:
             self._nack(header.handle_id, header.piece_index, exc)
             # Drain: the refused bytes land in staging and are dropped, keeping the pair in step.
+            works += self._post_receives(views.messages[1:], header, first_tag=1)
             self._wait(works, header, time.time() + receiver._group_timeout)
             return
+        in_place = self._in_place_messages(ticket)
+        buffers = [cache if cache is not None else staged for cache, staged in zip(in_place, views.messages, strict=True)]
+        works += self._post_receives(buffers[1:], header, first_tag=1)
         try:
             if header.checksum_algorithm == Checksum.CHECKSUM_ALGORITHM_NONE:
-                self._land_as_messages_arrive(ticket, works)
+                self._land_as_messages_arrive(ticket, works, in_place)
             else:
                 self._wait(works, header, ticket.deadline)
                 table.land(ticket)
@@ -325,11 +344,38 @@ class _Connection:
             diag.trace(
                 "D", "piece", bytes=header.payload_bytes, post_ms=1e3 * (t1 - t0),
                 arrive_land_ms=1e3 * (t2 - t1), ack_ms=1e3 * (time.perf_counter() - t2),
+                in_place=sum(buffer is not None for buffer in in_place),
             )  # fmt: skip
 
-    def _post_receives(self, views: PieceViews, header: kv_transfer_pb2.TransferHeader) -> list[dist.Work]:
+    def _in_place_messages(self, ticket: PieceTicket) -> list[torch.Tensor | None]:
+        """Per message, the reserved blocks' bytes to receive it into, or None for staging.
+
+        The first message is always staged (its receive was posted before the header was checked).
+        Registers this connection as writing into the reservation's blocks when any message is not.
+        """
+        table = self.receiver._table
+        if not self.receiver._receive_in_place:
+            return [None] * ticket.header.num_messages
+        targets = [None, *table.cache_targets(ticket)[1:]]
+        if any(target is not None for target in targets) and table.begin_cache_writes(ticket, self):
+            return targets
+        return [None] * len(targets)
+
+    def abort(self, reason: str) -> None:
+        """Cut this sender off (a released transfer's bytes are still arriving into its blocks).
+
+        Its transfers fail now. The connection's thread sees its control socket shut on its next
+        liveness check (NCCL: within milliseconds; gloo receives notice only at their deadline), tears
+        the group down, which ends the receives, and then reports ``writer_gone``.
+        """
+        self.receiver._table.fail_owner(self, reason)
+        self.shutdown()
+
+    def _post_receives(
+        self, buffers: Sequence[torch.Tensor], header: kv_transfer_pb2.TransferHeader, first_tag: int = 0
+    ) -> list[dist.Work]:
         group = self.group
-        return [group.recv([view], SENDER_RANK, tag) for tag, view in enumerate(views.messages)]
+        return [group.recv([buffer], SENDER_RANK, tag) for tag, buffer in enumerate(buffers, first_tag)]
 
     def _wait(self, works: list[dist.Work], header: kv_transfer_pb2.TransferHeader, deadline: float) -> None:
         try:
@@ -338,27 +384,32 @@ class _Connection:
             self.receiver._table.fail(header.handle_id, f"piece {header.piece_index} did not arrive: {exc}")
             raise  # the group may hold unmatched operations: drop the connection and its group
 
-    def _land_as_messages_arrive(self, ticket: PieceTicket, works: list[dist.Work]) -> None:
-        """Land the blocks each message completes while the next ones arrive.
+    def _land_as_messages_arrive(
+        self, ticket: PieceTicket, works: list[dist.Work], in_place: Sequence[torch.Tensor | None]
+    ) -> None:
+        """Land the blocks each staged message completes while the next ones arrive.
 
         Each landing copy is issued only once the host saw its message complete. (Queuing them all behind
         their receives in stream order saves ~75 us per 256 MiB piece on an H100 pair, but a sender
         that dies mid-piece would then let its partial bytes land once the pair is torn down, and a
-        release would wait for the rest of the piece.)
+        release would wait for the rest of the piece.) Messages received in place need no landing;
+        once all of them are in, this connection stops counting as a writer into the blocks.
 
         A reservation released mid-piece stops the landings, but the rest of the messages are still
-        received (into staging) so the pair stays in step; the piece is then refused.
+        received (staged ones into staging) so the pair stays in step; the piece is then refused.
         """
         table, header = self.receiver._table, ticket.header
         plan = landings(header.payload_bytes, header.message_bytes, table.layout.block_bytes, len(ticket.positions))
         refused = None
-        for work, blocks in zip(works, plan, strict=True):
+        for work, blocks, target in zip(works, plan, in_place, strict=True):
             self._wait([work], header, ticket.deadline)
-            if blocks is not None and refused is None:
+            if blocks is not None and target is None and refused is None:
                 try:
                     table.land_blocks(ticket, *blocks)
                 except TransferError as exc:
                     refused = exc
+        if any(target is not None for target in in_place):
+            table.end_cache_writes(ticket.handle_id)
         if refused is not None:
             raise refused
         table.complete_piece(ticket)

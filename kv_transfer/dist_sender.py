@@ -34,7 +34,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from kv_transfer.base import KVLayout, KVSender, TransferHandle, TransferState, check_piece
+from kv_transfer.base import RELEASE_WAIT_S, KVLayout, KVSender, TransferHandle, TransferState, check_piece
 from kv_transfer.blocks import BlockMover, CacheBlocks, aligned_message_bytes
 from kv_transfer.pair import Backend, parse_address
 from kv_transfer.sender_link import Job, Link, Outgoing, SenderConnection
@@ -46,9 +46,6 @@ __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DistKVSender", "SenderConnection"]
 # landing copy (the only copies not hidden behind the wire) stay short. 64 MiB was at least as fast
 # as 80 MiB in every measured run behind a step (BENCHMARKS.md, KV transfer), block- or layer-major.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-# How long ``release`` waits for a transfer's sends still reading the cache before it cuts the link
-# off: a live receiver answers within milliseconds (it drains even refused pieces).
-RELEASE_WAIT_S = 0.5
 
 
 class DistKVSender(KVSender):

@@ -14,9 +14,8 @@ import contextlib
 import datetime
 import os
 import socket
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,14 @@ from kv_transfer.wire import PeerGone, peer_closed
 SENDER_RANK = 0
 RECEIVER_RANK = 1
 BACKENDS = ("gloo", "nccl")
-_ENV_LOCK = threading.Lock()
+
+# By default ProcessGroupNCCL tears the whole process down when an operation fails or times out. A
+# dead prefill worker must not take the decode worker with it: we watch every operation with our own
+# deadline and abort the pair's group ourselves. The group's constructor reads this variable. It is
+# set here, once, as the module is imported (before a worker starts its threads), and never changed
+# later: changing the environment while other threads read it (NCCL reads many variables as each
+# communicator starts) can crash the process. A value the user chose is kept.
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
 
 @dataclass(frozen=True)
@@ -77,28 +83,7 @@ def make_group(
     options = dist.ProcessGroupNCCL.Options()
     options.is_high_priority_stream = True
     options._timeout = delta
-    with _nccl_errors_stay_local():
-        return dist.ProcessGroupNCCL(pair_store, rank, 2, options)
-
-
-@contextlib.contextmanager
-def _nccl_errors_stay_local() -> Iterator[None]:
-    """Build the NCCL group with asynchronous error handling off, unless the user chose a mode.
-
-    By default ProcessGroupNCCL tears the whole process down when an operation fails or times out.
-    A dead prefill worker must not take the decode worker with it: we watch every operation with our
-    own deadline and abort the pair's group ourselves. The variable is read in the constructor.
-    """
-    key = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
-    with _ENV_LOCK:
-        chosen = key in os.environ
-        if not chosen:
-            os.environ[key] = "0"
-        try:
-            yield
-        finally:
-            if not chosen:
-                os.environ.pop(key, None)
+    return dist.ProcessGroupNCCL(pair_store, rank, 2, options)
 
 
 def teardown_group(group: dist.ProcessGroup | None) -> None:

@@ -6,26 +6,35 @@ verifies the checksum and lands the whole piece, or (no checksum) ``land_blocks`
 each message completes while later messages are still arriving, and ``complete_piece`` marks the
 piece landed once every landing copy finished. ``finish`` handles the done marker.
 
+A transport may also receive messages straight into the reserved blocks of a block-major cache
+(``cache_targets``), after the header passed: it registers itself first (``begin_cache_writes``) and
+deregisters once those receives completed or its link was torn down (``end_cache_writes``,
+``writer_gone``).
+
 Thread-safety: one table lock guards the dict and every reservation's fields. Scatters are issued
 under the reservation's own lock, which ``release`` also takes; ``release`` then waits for the stream
-the scatters were issued on (``last_write``), so once it returns nothing more is written into the
-reservation's blocks. That stream never waits on anything unbounded: a transport makes it wait for a
-message only after the message was seen complete.
+the scatters were issued on (``last_write``), and for receives posted into the blocks (to complete
+within ``RELEASE_WAIT_S``, else it cuts their link off and waits until it is down), so once it returns
+nothing more is written into the reservation's blocks. The scatters' stream never waits on anything unbounded: a transport makes it
+wait for a message only after the message was seen complete.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from baton.v1 import kv_transfer_pb2
 from kv_transfer.base import (
+    RELEASE_WAIT_S,
     KVLayout,
     TransferError,
     TransferHandle,
@@ -33,7 +42,7 @@ from kv_transfer.base import (
     check_block_ids,
 )
 from kv_transfer.blocks import BlockMover, CacheBlocks
-from kv_transfer.staging import PieceViews, Staging
+from kv_transfer.staging import PieceViews, Staging, message_blocks
 from kv_transfer.wire import Checksum, checksum
 
 _CHECKSUM_SIZES = {
@@ -41,6 +50,20 @@ _CHECKSUM_SIZES = {
     Checksum.CHECKSUM_ALGORITHM_CRC32: 4,
     Checksum.CHECKSUM_ALGORITHM_SHA256: 32,
 }
+
+
+# How long past a reservation's deadline a release waits for a cut-off writer's link to come down.
+CUT_OFF_MARGIN_S = 5.0
+
+log = logging.getLogger(__name__)
+
+
+class CacheWriter(Protocol):
+    """What posts receives straight into reserved blocks: a link that can be cut off."""
+
+    def abort(self, reason: str) -> None:
+        """Cut the link off without waiting: its receives end (by the reservation's deadline at the
+        latest), then the link is torn down and the table told (``writer_gone``)."""
 
 
 @dataclass
@@ -83,8 +106,11 @@ class ReservationTable:
         self._settled = threading.Condition(self._lock)  # notified when a reservation turns terminal
         self._reservations: dict[str, _Reservation] = {}
         self.max_payload_bytes = kv_cache.numel() * kv_cache.element_size()  # no piece is larger
-        self.cache_words = CacheBlocks(kv_cache).words  # what landings write into, seen once
+        self.cache = CacheBlocks(kv_cache)  # what landings and in-place receives write into, seen once
+        self.cache_words = self.cache.words
         self._word = self.cache_words.dtype
+        # Handle id -> the writer with receives posted straight into that reservation's blocks.
+        self._cache_writers: dict[str, CacheWriter] = {}
 
     # ---------------------------------------------------------------------------- the worker's side
 
@@ -154,6 +180,24 @@ class ReservationTable:
                 reservation.released = True
                 if reservation.last_write is not None:  # and for the scatters already on the GPU
                     reservation.last_write.synchronize()
+        self._await_cache_writes(handle)
+
+    def _await_cache_writes(self, handle: TransferHandle) -> None:
+        """Return once no receive posted into the reserved blocks can write any more.
+
+        They complete, or after ``RELEASE_WAIT_S`` their writer is cut off and we wait for its link to
+        be torn down (``writer_gone``); its receives wait no longer than the reservation's deadline.
+        """
+        handle_id = handle.handle_id
+        with self._settled:
+            if self._settled.wait_for(lambda: handle_id not in self._cache_writers, RELEASE_WAIT_S):
+                return
+            writer = self._cache_writers[handle_id]
+        writer.abort(f"transfer {handle_id} released while its KV was still arriving")
+        limit = max(handle.deadline - time.time(), 0.0) + CUT_OFF_MARGIN_S
+        with self._settled:
+            if not self._settled.wait_for(lambda: handle_id not in self._cache_writers, limit):
+                log.error("transfer %s: receives into released blocks still pending after %.0f s", handle_id, limit)
 
     def __len__(self) -> int:
         with self._lock:
@@ -199,6 +243,50 @@ class ReservationTable:
         return PieceTicket(
             header.handle_id, header, positions, staging, deadline, mover, views, shape, stream
         )
+
+    def cache_targets(self, ticket: PieceTicket) -> list[torch.Tensor | None]:
+        """Per message of the piece, the cache's own bytes it can be received into, else None.
+
+        Only on a block-major cache, for pieces without a checksum (a checksummed piece lands only once
+        verified) framed in whole blocks, and for messages whose blocks are consecutive in the cache.
+        """
+        header, one_block = ticket.header, self.layout.block_bytes
+        if (
+            self.cache.rows is None
+            or header.checksum_algorithm != Checksum.CHECKSUM_ALGORITHM_NONE
+            or header.message_bytes % one_block
+        ):
+            return [None] * header.num_messages
+        plan = message_blocks(header.payload_bytes, header.message_bytes, one_block, len(ticket.positions))
+        return [ticket.mover.direct(self.cache, lo, hi) for lo, hi in plan]
+
+    def begin_cache_writes(self, ticket: PieceTicket, writer: CacheWriter) -> bool:
+        """Register ``writer`` before it posts receives into the ticket's blocks; False (post none
+        there) once the reservation was released. ``release`` waits for them until
+        ``end_cache_writes`` (or ``writer_gone``)."""
+        with self._lock:
+            reservation = self._reservations.get(ticket.handle_id)
+        if reservation is None:
+            return False
+        with reservation.write_lock:
+            if reservation.released:
+                return False
+            with self._lock:
+                self._cache_writers[ticket.handle_id] = writer
+        return True
+
+    def end_cache_writes(self, handle_id: str) -> None:
+        """Every receive posted into the blocks of ``handle_id`` completed."""
+        with self._settled:
+            self._cache_writers.pop(handle_id, None)
+            self._settled.notify_all()
+
+    def writer_gone(self, writer: CacheWriter) -> None:
+        """``writer``'s link was torn down: none of its receives writes any more."""
+        with self._settled:
+            for handle_id in [h for h, w in self._cache_writers.items() if w is writer]:
+                del self._cache_writers[handle_id]
+            self._settled.notify_all()
 
     def land(self, ticket: PieceTicket) -> None:
         """Verify the received bytes and scatter the whole piece into the reserved blocks."""

@@ -58,7 +58,10 @@ class Harness:
         if self.name == "loopback":
             receiver = LoopbackReceiver(self.hub, kv_cache, secret)
         else:
-            receiver = DistKVReceiver(kv_cache, backend=self.name, secret=secret, group_timeout=20.0)
+            # In place wherever the cache allows, gloo too: the path is then tested on CPU as well.
+            receiver = DistKVReceiver(
+                kv_cache, backend=self.name, secret=secret, group_timeout=20.0, receive_in_place=True
+            )
         self._closables.append(receiver)
         return receiver
 
@@ -155,6 +158,7 @@ class PeerProcess:
             [sys.executable, "-m", "tests.kv_transfer.peer_process", *args],
             cwd=REPO_ROOT,
             env=env,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -174,10 +178,16 @@ class PeerProcess:
             raise AssertionError(f"peer exited early: {self.process.wait()} {self.process.stderr.read()}")
         return json.loads(line)
 
+    def tell(self, line: str) -> None:
+        """One line to the peer's standard input."""
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
+        self.process.stdin.close()
         self.process.stdout.close()
         self.process.stderr.close()
 

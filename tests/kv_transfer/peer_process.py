@@ -6,7 +6,8 @@ JSON line when it reached the point the test waits for, then sleeps until killed
 Modes:
 - ``receiver``: owns a cache, reserves blocks, prints ``{"target": <KVTarget hex>}``.
 - ``sender-half``: sends the header of a piece covering every reserved block of ``--target`` and only
-  the first half of its messages, then prints ``{"sent": <messages>, "of": <total>}``.
+  the first half of its messages, then prints ``{"sent": <messages>, "of": <total>}``; on reading the
+  line ``rest`` it sends the other half too (its sends may then fail: the receiver may have cut it off).
 - ``sender-full-then-half``: first sends every reserved block of ``--full-target`` (from a cache of
   seed ``PEER_SEED + 1``) and its done marker, waiting for both answers, then does what
   ``sender-half`` does for ``--target`` on the same connection: the receiver's staging buffer then
@@ -106,6 +107,12 @@ def run_sender_half(args: argparse.Namespace) -> None:
     if kv_cache.is_cuda:
         torch.cuda.synchronize()
     _print({"sent": half, "of": len(views)})
+    if sys.stdin.readline().strip() == "rest":  # the test says when (if ever) the rest follows
+        for tag in range(half, len(views)):
+            connection.post_message(views[tag], tag).wait()
+        if kv_cache.is_cuda:
+            torch.cuda.synchronize()
+        _print({"sent": len(views), "of": len(views)})
     time.sleep(600)
 
 

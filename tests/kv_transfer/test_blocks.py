@@ -3,6 +3,7 @@ block by block."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from baton.v1 import kv_transfer_pb2
 from engine.kv_cache.storage import allocate_kv_cache
-from kv_transfer.base import TransferError, TransferState, gather_blocks, scatter_blocks
+from kv_transfer.base import RELEASE_WAIT_S, TransferError, TransferState, gather_blocks, scatter_blocks
 from kv_transfer.blocks import (
     BlockMover,
     CacheBlocks,
@@ -156,3 +157,81 @@ def test_release_mid_piece_stops_later_blocks() -> None:
         table.complete_piece(ticket)
     assert torch.equal(cache[:, :, 5], source[0])
     assert not cache[:, :, [1, 6]].any(), "a released reservation was written"
+
+
+def _ticket(table: ReservationTable, block_ids: list[int], message_bytes: int, checksum: str = "none"):
+    handle = table.reserve(f"req-{block_ids}", block_ids, num_tokens=4 * len(block_ids), deadline=time.time() + 30)
+    source = torch.randn(len(block_ids), 3, 2, 4, 2, 8)
+    header = build_header(handle, 0, source, 0, message_bytes, CHECKSUMS[checksum])
+    return handle, table.accept_header(header, owner="link")
+
+
+def test_cache_targets_are_the_reserved_blocks_own_bytes() -> None:
+    table = _block_major_table()
+    cache = table.kv_cache
+    one_block = table.layout.block_bytes
+    rows = CacheBlocks(cache).rows
+    _, ticket = _ticket(table, [3, 4, 9, 10, 11, 0], 2 * one_block)
+    targets = table.cache_targets(ticket)
+    assert [t is not None for t in targets] == [True, True, False]  # [3, 4], [9, 10], then [11, 0]
+    assert targets[0].data_ptr() == rows[3].data_ptr() and targets[0].numel() == 2 * one_block
+    assert targets[1].data_ptr() == rows[9].data_ptr()
+    # Framing that cuts blocks (a sender's choice; ours sends whole blocks), and checksummed pieces,
+    # are always staged.
+    _, cut = _ticket(table, [12, 13], one_block + 16)
+    assert cut.header.num_messages == 2 and table.cache_targets(cut) == [None, None]
+    _, summed = _ticket(table, [14, 15], one_block, checksum="crc32")
+    assert table.cache_targets(summed) == [None, None]
+
+
+def test_cache_targets_need_a_block_major_cache() -> None:
+    cache = allocate_kv_cache(3, 16, 4, 2, 8, dtype=torch.float32, device="cpu", block_major=False)
+    table = ReservationTable(cache, "127.0.0.1:1", "rx")
+    _, ticket = _ticket(table, [3, 4, 5, 6], 2 * table.layout.block_bytes)
+    assert table.cache_targets(ticket) == [None, None]
+
+
+class _Writer:
+    """Cut off, it tears its link down a little later (``teardown_s``), as a connection's thread does."""
+
+    def __init__(self, table: ReservationTable, teardown_s: float = 0.1) -> None:
+        self.table, self.teardown_s = table, teardown_s
+        self.aborted: list[str] = []
+
+    def abort(self, reason: str) -> None:
+        self.aborted.append(reason)
+        threading.Timer(self.teardown_s, self.table.writer_gone, args=(self,)).start()
+
+
+def _block_major_table() -> ReservationTable:
+    cache = allocate_kv_cache(3, 16, 4, 2, 8, dtype=torch.float32, device="cpu", block_major=True)
+    return ReservationTable(cache, "127.0.0.1:1", "rx")
+
+
+def test_release_waits_for_receives_into_the_blocks() -> None:
+    table = _block_major_table()
+    handle, ticket = _ticket(table, [3, 4, 5, 6], 2 * table.layout.block_bytes)
+    writer = _Writer(table)
+    assert table.begin_cache_writes(ticket, writer)
+    threading.Timer(0.1, table.end_cache_writes, args=(ticket.handle_id,)).start()
+    start = time.monotonic()
+    table.release(handle)
+    assert 0.08 <= time.monotonic() - start < RELEASE_WAIT_S, "release returned before the receives ended"
+    assert writer.aborted == []
+    assert not table.begin_cache_writes(ticket, writer), "a released reservation took new receives"
+
+
+def test_release_cuts_off_a_writer_that_does_not_finish_and_waits_for_its_link() -> None:
+    table = _block_major_table()
+    handle, ticket = _ticket(table, [3, 4, 5, 6], 2 * table.layout.block_bytes)
+    other, other_ticket = _ticket(table, [8, 9], table.layout.block_bytes)
+    writer = _Writer(table, teardown_s=0.3)
+    assert table.begin_cache_writes(ticket, writer) and table.begin_cache_writes(other_ticket, writer)
+    start = time.monotonic()
+    table.release(handle)
+    took = time.monotonic() - start
+    assert RELEASE_WAIT_S + 0.28 <= took < RELEASE_WAIT_S + 1, f"release took {took:.2f}s"
+    assert len(writer.aborted) == 1 and handle.handle_id in writer.aborted[0]
+    start = time.monotonic()
+    table.release(other)  # the same link is down: nothing more to wait for
+    assert time.monotonic() - start < 0.1 and len(writer.aborted) == 1

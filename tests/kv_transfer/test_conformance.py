@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from kv_transfer.base import KVLayout, TransferState, gather_blocks
+from kv_transfer.base import RELEASE_WAIT_S, KVLayout, TransferState, gather_blocks
 from kv_transfer.wire import CHECKSUMS, build_header, handle_to_kv_target
 
 from .harness import PEER_SEED, Harness, PeerProcess, random_cache, target_of, wait_terminal
@@ -344,6 +344,87 @@ def test_receiver_killed_mid_transfer(transport: Harness) -> None:
         peer.kill()
     assert sender.poll(handle) is TransferState.FAILED
     assert elapsed < 10, "a dead receiver must fail the transfer long before its 60 s deadline"
+
+
+def test_block_major_receiver_takes_later_messages_in_place(transport: Harness, monkeypatch) -> None:
+    """Messages after the first go straight into consecutive reserved blocks (no staging, no landing
+    copy); where the reserved blocks are not consecutive, those messages are staged and landed."""
+    if not (transport.is_network and transport.block_major):
+        pytest.skip("receiving in place needs a network transport and a block-major cache")
+    from kv_transfer.reservations import ReservationTable
+
+    in_place: list[int] = []
+    targets = ReservationTable.cache_targets
+
+    def counting(table, ticket):
+        found = targets(table, ticket)
+        in_place.append(sum(target is not None for target in found[1:]))
+        return found
+
+    monkeypatch.setattr(ReservationTable, "cache_targets", counting)
+    src, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    sender = transport.sender(max_message_bytes=2 * KVLayout.of(src).block_bytes)
+    cases = {"consecutive": ([4, 5, 6, 7, 8, 9, 10, 11], 3), "two runs": ([20, 21, 22, 23, 12, 13, 2, 30], 2)}
+    for request_id, (dst_ids, expected) in cases.items():
+        handle = receiver.reserve(request_id, dst_ids, num_tokens=8 * BLOCK_SIZE, deadline=time.time() + 30)
+        src_ids = list(range(8))
+        sender.send(handle, src_ids, src)
+        wait_terminal(receiver.poll, handle, 30)
+        assert receiver.poll(handle) is TransferState.SUCCESS, receiver.error(handle)
+        assert torch.equal(dst[:, :, dst_ids].cpu(), src[:, :, src_ids].cpu()), request_id
+        assert in_place[-1] == expected, (request_id, in_place)
+        receiver.release(handle)
+
+
+def test_release_while_bytes_arrive_in_place_cuts_the_sender_off(transport: Harness) -> None:
+    """A block-major receiver takes a piece's later messages straight into the reserved blocks. Released
+    while a stalled (live) sender still owes some of them, it waits RELEASE_WAIT_S for them, then cuts
+    that sender off and returns once its link is down (NCCL: at once; a gloo receive gives up only at
+    the reservation's deadline): after that nothing the sender sends reaches the cache, and the
+    receiver serves other senders."""
+    if not (transport.is_network and transport.block_major):
+        pytest.skip("receiving in place needs a network transport and a block-major cache")
+    src, dst = _caches(transport)
+    receiver = transport.receiver(dst)
+    ids = list(range(8))
+    window = 60 if transport.name == "nccl" else 8  # gloo: the release lasts till the deadline
+    handle = receiver.reserve("peer-request", ids, num_tokens=8 * BLOCK_SIZE, deadline=time.time() + window)
+    block_bytes = handle.layout.block_bytes
+    peer = PeerProcess(
+        "sender-half", "--backend", transport.name, "--device", str(transport.src_device), "--secret", "conformance-secret",
+        "--target", handle_to_kv_target(handle).SerializeToString().hex(), "--message-bytes", str(block_bytes),
+    )  # fmt: skip
+    sent = random_cache(LAYERS, 8, BLOCK_SIZE, HEADS, HEAD_DIM, torch.float32, "cpu", seed=PEER_SEED)
+    try:
+        assert peer.read_json() == {"sent": 4, "of": 8}  # one block per message; then it stalls
+        arrived_by = time.monotonic() + 10
+        while not torch.equal(dst[:, :, :4].cpu(), sent[:, :, :4]) and time.monotonic() < arrived_by:
+            time.sleep(0.005)
+        assert torch.equal(dst[:, :, :4].cpu(), sent[:, :, :4]), "the sent blocks did not arrive"
+        assert receiver.poll(handle) is TransferState.TRANSFERRING
+        start = time.monotonic()
+        receiver.release(handle)
+        took = time.monotonic() - start
+        at_release = dst.cpu().clone()
+        peer.tell("rest")  # the sender wakes up and sends the other half: none of it may land now
+        time.sleep(1.0)
+        after = dst.cpu()
+    finally:
+        peer.kill()
+    longest = RELEASE_WAIT_S + 2 if transport.name == "nccl" else window
+    assert RELEASE_WAIT_S * 0.9 <= took < longest, f"release took {took:.2f}s"
+    assert receiver.num_reservations == 0
+    changed = [b for b in range(NUM_BLOCKS) if not torch.equal(after[:, :, b], at_release[:, :, b])]
+    assert changed == [], f"blocks {changed} were written after release returned"
+    assert not after[:, :, len(ids) :].any(), "blocks outside the reservation were written"
+    # The receiver still serves: a fresh sender's transfer lands in other blocks.
+    other = receiver.reserve("after", [8, 9, 10], num_tokens=3 * BLOCK_SIZE, deadline=time.time() + 30)
+    sender = transport.sender()
+    sender.send(other, [3, 4, 5], src)
+    wait_terminal(receiver.poll, other, 30)
+    assert receiver.poll(other) is TransferState.SUCCESS, receiver.error(other)
+    assert torch.equal(dst[:, :, [8, 9, 10]].cpu(), src[:, :, [3, 4, 5]].cpu())
 
 
 def test_release_mid_transfer_stops_writes(transport: Harness) -> None:
