@@ -34,22 +34,48 @@ class PDDriver:
         self.decode = worker_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(decode_address))
         self.prefill = worker_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(prefill_address)) if prefill_address else None
 
-    def run(self, request_id: str, prompt_ids: list[int], sampling: common_pb2.SamplingParams, local_prefill: bool = False, stream: bool = False) -> DriveResult:
-        """One request through D's Reserve, P's Prefill (``stream``: PrefillStream) and D's Decode."""
+    def run(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: common_pb2.SamplingParams,
+        local_prefill: bool = False,
+        stream: bool = False,
+        target_follows: bool = False,
+    ) -> DriveResult:
+        """One request through D's Reserve, P's Prefill (``stream``: PrefillStream) and D's Decode.
+
+        ``target_follows``: as the router does, P's PrefillStream starts first (``kv_target_follows``)
+        and D's Reserve runs beside it; the target then goes to P by SetKVTarget."""
         out = DriveResult()
         deadline_ms = int((time.time() + self.timeout_s) * 1000)
+        split = not local_prefill and self.prefill is not None
+        started = None  # P's PrefillStream, already computing, when the target follows
+        if split and target_follows:
+            started = self.prefill.PrefillStream(
+                worker_pb2.PrefillRequest(
+                    request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
+                    deadline_ms=deadline_ms, kv_target_follows=True,
+                ),
+                metadata=self.md, timeout=self.timeout_s,
+            )  # fmt: skip
         reserved = self.decode.Reserve(
             worker_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, deadline_ms=deadline_ms),
             metadata=self.md, timeout=self.timeout_s,
         )
         if reserved.HasField("error"):
+            if started is not None:
+                started.cancel()  # P drops the request when its caller leaves
             out.error = reserved.error
             return out
         decode_req = worker_pb2.DecodeRequest(request_id=request_id, deadline_ms=deadline_ms)
-        if local_prefill or self.prefill is None:
+        if not split:
             decode_req.local_prefill = True
         else:
-            pre = self._prefill(request_id, prompt_ids, sampling, reserved.handle, deadline_ms, stream, out)
+            if started is None:
+                pre = self._prefill(request_id, prompt_ids, sampling, reserved.handle, deadline_ms, stream, out)
+            else:
+                pre = self._target_follows(started, request_id, reserved.handle, out)
             if pre.HasField("error"):
                 self.decode.Abort(worker_pb2.AbortRequest(request_id=request_id, reason="prefill failed"), metadata=self.md, timeout=5)
                 out.error = pre.error
@@ -76,7 +102,21 @@ class PDDriver:
         req = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, kv_target=target, deadline_ms=deadline_ms)
         if not stream:
             return self.prefill.Prefill(req, metadata=self.md, timeout=self.timeout_s)
-        answers = list(self.prefill.PrefillStream(req, metadata=self.md, timeout=self.timeout_s))
+        return self._last_answer(list(self.prefill.PrefillStream(req, metadata=self.md, timeout=self.timeout_s)), out)
+
+    def _target_follows(self, started, request_id: str, target: worker_pb2.KVTarget, out: DriveResult) -> worker_pb2.PrefillResponse:
+        """Hand D's target to the PrefillStream already running on P; P's final answer (or the error)."""
+        given = self.prefill.SetKVTarget(
+            worker_pb2.SetKVTargetRequest(request_id=request_id, kv_target=target), metadata=self.md, timeout=self.timeout_s
+        )
+        if given.HasField("error"):
+            started.cancel()
+            return worker_pb2.PrefillResponse(error=given.error)
+        return self._last_answer(list(started), out)
+
+    @staticmethod
+    def _last_answer(answers: list[worker_pb2.PrefillResponse], out: DriveResult) -> worker_pb2.PrefillResponse:
+        """PrefillStream's last answer, once its order is checked (first token before the KV landed)."""
         first, last = answers[0], answers[-1]
         if first.HasField("result"):
             out.first_token_before_kv = first.result.kv_pending

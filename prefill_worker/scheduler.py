@@ -1,6 +1,8 @@
 """Prefill policy on top of the engine: chunked prefill, and KV shipped as soon as blocks complete.
 
-Each request carries a transfer handle (the decode worker's reserved blocks). After every engine step
+Each request carries a transfer handle (the decode worker's reserved blocks), or gets it while its
+prompt computes (``set_target``: the decode worker's Reserve then overlaps the prefill; nothing is
+sent before it, and what completed meanwhile goes at the next step's end). After every engine step
 ``PrefillTransfers.after_step`` sends the blocks that became full since the last step, so transfer
 overlaps the next chunk's compute. The step that completes a prompt also samples its first token,
 and reading that token back waits for the whole step; so the rest of the prompt's KV (tail block and
@@ -56,7 +58,7 @@ class PrefillFailed(Exception):
 @dataclass
 class _Job:
     req: Request
-    handle: TransferHandle
+    handle: TransferHandle | None  # None until a target that follows arrives
     deadline: float  # time.time() based
     # Settled once the first token is sampled (its outcome, transfer not known yet), or with the
     # job's failure if it ends before that. ``result`` settles only once the decode side holds the KV.
@@ -84,11 +86,29 @@ class PrefillTransfers:
         self.jobs: dict[str, _Job] = {}
         self._last_after_step = time.perf_counter()
 
-    def add(self, req: Request, handle: TransferHandle, deadline: float) -> tuple[Future, Future]:
-        """Track ``req``'s transfer; ``(first token, KV delivered)`` futures of ``PrefillOutcome``."""
-        job = _Job(req, handle, deadline, sent_upto=handle.first_block_index)
+    def add(self, req: Request, handle: TransferHandle | None, deadline: float) -> tuple[Future, Future]:
+        """Track ``req``'s transfer; ``(first token, KV delivered)`` futures of ``PrefillOutcome``.
+
+        ``handle`` None: the target follows (``set_target``) before ``deadline``."""
+        job = _Job(req, handle, deadline, sent_upto=handle.first_block_index if handle is not None else 0)
         self.jobs[req.request_id] = job
         return job.first, job.result
+
+    def set_target(self, request_id: str, handle: TransferHandle) -> bool:
+        """Give a tracked request its target (checked by the caller); False when it is not tracked."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return False
+        if job.handle is not None:
+            raise ValueError(f"request {request_id!r} already has a KV target")
+        job.handle, job.sent_upto = handle, handle.first_block_index
+        job.deadline = min(job.deadline, handle.deadline)
+        return True
+
+    def num_prompt_tokens(self, request_id: str) -> int | None:
+        """The prompt length of a tracked request, else None."""
+        job = self.jobs.get(request_id)
+        return None if job is None else job.req.num_prompt_tokens
 
     def cancel(self, request_id: str, reason: str) -> bool:
         job = self.jobs.pop(request_id, None)
@@ -107,7 +127,9 @@ class PrefillTransfers:
         for s in batch.requests:
             job = self.jobs.get(s.request.request_id)
             req = s.request
-            if job is not None and not job.last_sent and req.num_computed_tokens + s.num_new_tokens >= req.num_prompt_tokens:
+            if job is None or job.handle is None:
+                continue
+            if not job.last_sent and req.num_computed_tokens + s.num_new_tokens >= req.num_prompt_tokens:
                 completing.append(job)
         if not completing:
             return
@@ -154,7 +176,7 @@ class PrefillTransfers:
             job.first.set_result(self._outcome(job, job.prompt_done, transfer_s=0.0))
         if job.send_error is not None:
             raise job.send_error
-        if not job.last_sent and (upto > job.sent_upto or prompt_done):
+        if job.handle is not None and not job.last_sent and (upto > job.sent_upto or prompt_done):
             self._send(job, upto, last=prompt_done)
         if job.last_sent:
             state = self.sender.poll(job.handle)
@@ -187,7 +209,8 @@ class PrefillTransfers:
 
     def _end(self, job: _Job, failure: PrefillFailed | None) -> None:
         req = job.req
-        self.sender.release(job.handle)
+        if job.handle is not None:
+            self.sender.release(job.handle)
         now = time.monotonic()
         transfer_s = now - job.first_send if job.first_send is not None else 0.0
         if failure is None:

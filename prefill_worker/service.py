@@ -66,14 +66,29 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     def _run(self, request, context):
         """The worker's two outcomes for ``request`` (first token, then KV delivered)."""
         w = self.worker
-        if request.kv_target.model_fingerprint and request.kv_target.model_fingerprint != w.fingerprint:
-            raise PrefillFailed("FINGERPRINT_MISMATCH", "decode worker serves a different model/layout", retryable=False)
         prompt = check_token_ids(request.prompt_token_ids, w.vocab_size, "prompt_token_ids")
         sampling = sampling_from_proto(request.sampling, w.engine.max_model_len, w.vocab_size)
-        handle = handle_from_kv_target(request.kv_target, request.request_id)
+        if request.kv_target_follows:
+            if request.HasField("kv_target"):
+                raise ValueError("kv_target is given and said to follow; send one or the other")
+            handle = None
+        else:
+            handle = self._target(request.request_id, request.kv_target)
         deadline = request.deadline_ms / 1000 if request.deadline_ms else None
         context.add_callback(lambda: None if context.is_active() else w.abort(request.request_id, "client went away"))
         return w.prefill_stream(request.request_id, prompt, sampling, handle, deadline)
+
+    def SetKVTarget(self, request, context):
+        try:
+            self.worker.set_kv_target(request.request_id, self._target(request.request_id, request.kv_target))
+        except Exception as e:
+            return worker_pb2.SetKVTargetResponse(error=_error(e))
+        return worker_pb2.SetKVTargetResponse(accepted=True)
+
+    def _target(self, request_id: str, kv_target: worker_pb2.KVTarget):
+        if kv_target.model_fingerprint and kv_target.model_fingerprint != self.worker.fingerprint:
+            raise PrefillFailed("FINGERPRINT_MISMATCH", "decode worker serves a different model/layout", retryable=False)
+        return handle_from_kv_target(kv_target, request_id)
 
     @staticmethod
     def _log(request, context, out) -> None:

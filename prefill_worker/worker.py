@@ -20,6 +20,7 @@ from prefill_worker.scheduler import PrefillFailed, PrefillOutcome, PrefillTrans
 
 log = logging.getLogger(__name__)
 MAX_CONNECT_ADDRESSES = 1024  # decode workers one Connect call may name
+MAX_EARLY_TARGETS = 4096  # KV targets held for requests that have not arrived yet
 
 
 def make_sender(transport: str, device, secret: str, worker_id: str, host: str, loopback_hub=None) -> KVSender:
@@ -59,6 +60,7 @@ class PrefillWorker:
         self.host.after_step = self.transfers.after_step
         self.engine.runner.launched_hook = self.transfers.on_launched
         self.draining = False
+        self._early_targets: dict[str, TransferHandle] = {}  # engine loop thread only
         self.host.start()
 
     @property
@@ -69,13 +71,14 @@ class PrefillWorker:
     def vocab_size(self) -> int:
         return self.engine.config.model.vocab_size
 
-    def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, handle: TransferHandle, deadline: float | None = None) -> PrefillOutcome:
+    def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, handle: TransferHandle | None, deadline: float | None = None) -> PrefillOutcome:
         """Run the prompt, ship its KV into ``handle``'s blocks, return the first token. Blocks until
-        the decode side acknowledged every block, or raises ``PrefillFailed``."""
+        the decode side acknowledged every block, or raises ``PrefillFailed``. ``handle`` None: it
+        follows by ``set_kv_target`` (before the deadline)."""
         *_, delivered = self.prefill_stream(request_id, prompt_ids, sampling, handle, deadline)
         return delivered
 
-    def prefill_stream(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, handle: TransferHandle, deadline: float | None = None) -> Iterator[PrefillOutcome]:
+    def prefill_stream(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, handle: TransferHandle | None, deadline: float | None = None) -> Iterator[PrefillOutcome]:
         """``prefill`` answered twice: the outcome once the first token is sampled (KV still in
         flight), then once the decode side acknowledged every block. Raises ``PrefillFailed`` in place
         of either; the request is aborted if the caller stops iterating early."""
@@ -92,24 +95,56 @@ class PrefillWorker:
     def _admit(self, request_id, prompt_ids, sampling, handle, deadline) -> tuple[Future, Future, float]:
         if self.draining:
             raise PrefillFailed("UNAVAILABLE", "worker is draining", retryable=True)
-        if handle.layout != self.layout:
-            raise PrefillFailed("FINGERPRINT_MISMATCH", f"decode cache layout {handle.layout} != ours {self.layout}", retryable=False)
-        expected = -(-len(prompt_ids) // self.layout.block_size) - handle.first_block_index
-        if handle.num_tokens != len(prompt_ids) or len(handle.block_ids) != expected or handle.first_block_index < 0:
-            raise PrefillFailed("INVALID_ARGUMENT", f"kv_target holds {len(handle.block_ids)} blocks for {handle.num_tokens} tokens; the prompt needs {expected}", retryable=False)
-        deadline = min(deadline or float("inf"), handle.deadline, time.time() + self.config.default_deadline_s)
+        if handle is not None:
+            self._check_target(handle, len(prompt_ids))
+            deadline = min(deadline or float("inf"), handle.deadline)
+        deadline = min(deadline or float("inf"), time.time() + self.config.default_deadline_s)
         # Only the first token is sampled here; min_tokens still masks EOS on it.
         first_only = dataclasses.replace(sampling, max_tokens=1, min_tokens=min(sampling.min_tokens, 1), stop=())
 
         def admit():
+            target, early = handle, self._early_targets.pop(request_id, None)
+            if target is None and early is not None:  # its target came first
+                self._check_target(early, len(prompt_ids))
+                target = early
             req = self.engine.add_request(request_id, prompt_ids, first_only)
-            return self.transfers.add(req, handle, deadline)
+            return self.transfers.add(req, target, min(deadline, target.deadline) if target else deadline)
 
         try:
             first, delivered = self.host.loop.call(admit)
         except ValueError as e:
             raise PrefillFailed("INVALID_ARGUMENT", str(e), retryable=False) from e
         return first, delivered, deadline
+
+    def set_kv_target(self, request_id: str, handle: TransferHandle) -> None:
+        """The target of a request admitted (or about to be) without one; raises ``PrefillFailed``.
+
+        A target that arrives before its request is held for it until the target's deadline."""
+
+        def give():
+            tokens = self.transfers.num_prompt_tokens(request_id)
+            if tokens is not None:
+                self._check_target(handle, tokens)
+                self.transfers.set_target(request_id, handle)
+                return
+            now = time.time()
+            for rid in [r for r, h in self._early_targets.items() if h.deadline < now]:
+                del self._early_targets[rid]
+            if len(self._early_targets) >= MAX_EARLY_TARGETS:
+                raise PrefillFailed("RESOURCE_EXHAUSTED", f"{MAX_EARLY_TARGETS} KV targets wait for their requests", retryable=True)
+            self._early_targets[request_id] = handle
+
+        try:
+            self.host.loop.call(give)
+        except ValueError as e:
+            raise PrefillFailed("INVALID_ARGUMENT", str(e), retryable=False) from e
+
+    def _check_target(self, handle: TransferHandle, num_prompt_tokens: int) -> None:
+        if handle.layout != self.layout:
+            raise PrefillFailed("FINGERPRINT_MISMATCH", f"decode cache layout {handle.layout} != ours {self.layout}", retryable=False)
+        expected = -(-num_prompt_tokens // self.layout.block_size) - handle.first_block_index
+        if handle.num_tokens != num_prompt_tokens or len(handle.block_ids) != expected or handle.first_block_index < 0:
+            raise PrefillFailed("INVALID_ARGUMENT", f"kv_target holds {len(handle.block_ids)} blocks for {handle.num_tokens} tokens; the prompt needs {expected}", retryable=False)
 
     def _wait(self, request_id: str, future: Future, deadline: float) -> PrefillOutcome:
         try:

@@ -2,10 +2,12 @@
 
 Per sequence (one choice):
 1. ``place()`` picks decode worker D and maybe prefill worker P (policy + placement store);
-2. ``DecodeService.Reserve`` on D -> KVTarget (D's blocks for the prompt);
-3. split: ``PrefillService.PrefillStream(prompt, kv_target)`` on P -> the first token (its KV still in
-   flight), then ``DecodeService.Decode(first token)`` on D (which waits for the KV itself), then P's
-   word that every KV block landed on D; local: ``Decode(local_prefill=True)``;
+2. ``DecodeService.Reserve`` on D -> KVTarget (D's blocks for the prompt); split, P's
+   ``PrefillService.PrefillStream(prompt, kv_target_follows)`` starts just before it, so the prompt
+   computes while D reserves, and ``SetKVTarget`` hands D's target to P (which holds the KV till then);
+3. split: P's stream answers the first token (its KV still in flight), then
+   ``DecodeService.Decode(first token)`` on D (which waits for the KV itself), then P's word that
+   every KV block landed on D; local: ``Decode(local_prefill=True)``;
 4. the Decode stream's chunks become ``TokenEvent``s until one carries a finish reason.
 
 When the client sees a split request's first token is ``first_token_from``: ``prefill`` yields it the
@@ -287,6 +289,11 @@ class ClusterBackend:
         self._active[request.request_id] = active
         sampling = sampling_to_proto(request.sampling)
         decode_stub = worker_pb2_grpc.DecodeServiceStub(self._channel(d.address))
+        # Split: P starts computing now and D's Reserve runs beside it; D's target follows to P.
+        prefill_call = None
+        if prefill is not None:
+            active.prefill_address = prefill.address
+            prefill_call = self._start_prefill(request, prefill, worker_request_id, sampling, metadata)
         reserve_req = worker_pb2.ReserveRequest(
             request_id=worker_request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -295,13 +302,18 @@ class ClusterBackend:
             output_token_ids=state.emitted,
         )
         try:
-            reserved = await decode_stub.Reserve(
-                reserve_req, timeout=cfg.reserve_timeout_s, metadata=metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise _from_rpc(err, d.worker_id, "Reserve") from None
-        if reserved.WhichOneof("outcome") != "handle":
-            raise _from_error(reserved.error, d.worker_id, "Reserve")
+            try:
+                reserved = await decode_stub.Reserve(
+                    reserve_req, timeout=cfg.reserve_timeout_s, metadata=metadata
+                )
+            except grpc.aio.AioRpcError as err:
+                raise _from_rpc(err, d.worker_id, "Reserve") from None
+            if reserved.WhichOneof("outcome") != "handle":
+                raise _from_error(reserved.error, d.worker_id, "Reserve")
+        except BaseException:
+            if prefill_call is not None:
+                prefill_call.cancel()  # P drops the request when its caller leaves
+            raise
         route = Route(d.worker_id, prefill.worker_id if prefill else None)
         timing = SequenceTiming(placed=placed, reserved=time.monotonic(), attempts=tries + 1)
 
@@ -313,10 +325,13 @@ class ClusterBackend:
         call = None
         held: TokenEvent | None = None  # P's first token, until D's stream starts (first_token_from=decode)
         if prefill is not None:
-            active.prefill_address = prefill.address
-            answers = self._prefill(request, prefill, worker_request_id, sampling, reserved.handle, metadata)
+            answers = self._prefill_answers(prefill_call, prefill)
+            target_given = asyncio.ensure_future(
+                self._give_target(prefill, worker_request_id, reserved.handle, metadata)
+            )
             try:
                 first = await anext(answers)  # the first token; its KV may still be in flight
+                await target_given
                 timing.prefill_ms = first.prefill_ms
                 decode_req.first_token_id = first.first_token_id
                 if first.HasField("first_token_logprob"):
@@ -346,6 +361,8 @@ class ClusterBackend:
                     call.cancel()  # D drops the request (and its reservation) when its caller leaves
                 raise
             finally:
+                target_given.cancel()  # no-op once done
+                target_given.add_done_callback(_retrieved)  # its failure was raised above, or is moot
                 await answers.aclose()
             timing.prefill_done, timing.transfer_ms = time.monotonic(), delivered.transfer_ms
             active.prefill_address = None  # P is done with it
@@ -379,25 +396,47 @@ class ClusterBackend:
         finally:
             call.cancel()
 
-    async def _prefill(
+    def _start_prefill(
         self,
         request: GenerateRequest,
         prefill: WorkerRecord,
         worker_request_id: str,
         sampling: common_pb2.SamplingParams,
-        target: worker_pb2.KVTarget,
         metadata: tuple[tuple[str, str], ...],
-    ) -> AsyncIterator[worker_pb2.PrefillResult]:
-        """P's two answers: the first token (KV pending), then KV delivered; a failure raises instead."""
+    ) -> grpc.aio.UnaryStreamCall:
+        """Start P's PrefillStream with the KV target to follow (``_give_target``): P computes the prompt
+        while D reserves its blocks, and holds the KV until the target comes."""
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
         req = worker_pb2.PrefillRequest(
             request_id=worker_request_id,
             prompt_token_ids=request.prompt_token_ids,
             sampling=sampling,
-            kv_target=target,
             deadline_ms=_deadline_ms(self.config.prefill_timeout_s),
+            kv_target_follows=True,
         )
-        call = stub.PrefillStream(req, timeout=self.config.prefill_timeout_s, metadata=metadata)
+        return stub.PrefillStream(req, timeout=self.config.prefill_timeout_s, metadata=metadata)
+
+    async def _give_target(
+        self,
+        prefill: WorkerRecord,
+        worker_request_id: str,
+        target: worker_pb2.KVTarget,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        """D's reserved blocks to the PrefillStream running on P; a refusal raises ``WorkerFailure``."""
+        stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
+        req = worker_pb2.SetKVTargetRequest(request_id=worker_request_id, kv_target=target)
+        try:
+            given = await stub.SetKVTarget(req, timeout=self.config.reserve_timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as err:
+            raise _from_rpc(err, prefill.worker_id, "SetKVTarget") from None
+        if given.WhichOneof("outcome") != "accepted":
+            raise _from_error(given.error, prefill.worker_id, "SetKVTarget")
+
+    async def _prefill_answers(
+        self, call: grpc.aio.UnaryStreamCall, prefill: WorkerRecord
+    ) -> AsyncIterator[worker_pb2.PrefillResult]:
+        """P's two answers: the first token (KV pending), then KV delivered; a failure raises instead."""
         try:
             for pending in (True, False):
                 response = await _next_answer(call, prefill.worker_id)
@@ -431,6 +470,12 @@ class ClusterBackend:
                 )
             except grpc.aio.AioRpcError as err:
                 log.warning("Abort of %s on %s failed: %s", request_id, address, err.code().name)
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a side task's outcome as seen (no "exception was never retrieved" at collection)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _next_answer(call, worker_id: str) -> worker_pb2.PrefillResponse:

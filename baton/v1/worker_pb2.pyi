@@ -56,18 +56,36 @@ class KVEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[_common_pb2.KVEvent, _Mapping]]] = ..., oldest_sequence: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target", "deadline_ms")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target", "deadline_ms", "kv_target_follows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_TARGET_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_TARGET_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     kv_target: KVTarget
     deadline_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_target: _Optional[_Union[KVTarget, _Mapping]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    kv_target_follows: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_target: _Optional[_Union[KVTarget, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., kv_target_follows: _Optional[bool] = ...) -> None: ...
+
+class SetKVTargetRequest(_message.Message):
+    __slots__ = ("request_id", "kv_target")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_TARGET_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kv_target: KVTarget
+    def __init__(self, request_id: _Optional[str] = ..., kv_target: _Optional[_Union[KVTarget, _Mapping]] = ...) -> None: ...
+
+class SetKVTargetResponse(_message.Message):
+    __slots__ = ("accepted", "error")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    error: _common_pb2.Error
+    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
     __slots__ = ("first_token_id", "first_token_logprob", "first_token_top_logprobs", "num_prompt_tokens", "num_cached_tokens", "num_transferred_blocks", "prefill_ms", "transfer_ms", "kv_pending")

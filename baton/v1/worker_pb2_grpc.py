@@ -28,6 +28,11 @@ class PrefillServiceStub:
                 request_serializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.SetKVTarget = channel.unary_unary(
+                '/baton.v1.PrefillService/SetKVTarget',
+                request_serializer=baton_dot_v1_dot_worker__pb2.SetKVTargetRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_worker__pb2.SetKVTargetResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.PrefillService/Abort',
                 request_serializer=baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -71,6 +76,15 @@ class PrefillServiceServicer:
         result with the first token and kv_pending = true, as soon as it is sampled; then, once every
         KV block was acknowledged, the result again with kv_pending = false and the transfer's figures.
         An error can take the place of either message; one after the first means the KV never arrived.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetKVTarget(self, request, context):
+        """The KV target of a request sent with kv_target_follows (or about to be: a target that arrives
+        first waits for its request until the target's own deadline). The prompt is computing already;
+        its KV is held until this arrives, so the decode worker's Reserve overlaps the prefill.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +136,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.PrefillStream,
                     request_deserializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'SetKVTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKVTarget,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.SetKVTargetRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_worker__pb2.SetKVTargetResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -203,6 +222,33 @@ class PrefillService:
             '/baton.v1.PrefillService/PrefillStream',
             baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
             baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKVTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.PrefillService/SetKVTarget',
+            baton_dot_v1_dot_worker__pb2.SetKVTargetRequest.SerializeToString,
+            baton_dot_v1_dot_worker__pb2.SetKVTargetResponse.FromString,
             options,
             channel_credentials,
             insecure,

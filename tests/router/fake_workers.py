@@ -118,7 +118,10 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
     error_after_first: int | None = None  # PrefillStream: fail with this ErrorCode after the first token
     kv_landed: asyncio.Event | None = None  # PrefillStream: its second answer waits for this
     connect_status: grpc.StatusCode | None = None  # fail Connect with this status
+    target_error: int | None = None  # an ErrorCode to refuse SetKVTarget with
     prefills: list[worker_pb2.PrefillRequest] = field(default_factory=list)
+    targets: dict[str, worker_pb2.KVTarget] = field(default_factory=dict)  # given by SetKVTarget
+    target_given: dict[str, asyncio.Event] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
     connects: list[list[str]] = field(default_factory=list)  # the KV addresses of each Connect call
 
@@ -128,29 +131,46 @@ class FakePrefill(worker_pb2_grpc.PrefillServiceServicer):
             return worker_pb2.PrefillResponse(
                 error=common_pb2.Error(code=self.error, message="transfer broke")
             )
-        return worker_pb2.PrefillResponse(result=self._result(request, kv_pending=False))
+        target = await self._target(request)
+        return worker_pb2.PrefillResponse(result=self._result(request, target, kv_pending=False))
 
     async def PrefillStream(self, request, context):
         self.prefills.append(request)
         if self.error is not None:
             yield worker_pb2.PrefillResponse(error=common_pb2.Error(code=self.error, message="transfer broke"))
             return
-        yield worker_pb2.PrefillResponse(result=self._result(request, kv_pending=True))
+        yield worker_pb2.PrefillResponse(result=self._result(request, None, kv_pending=True))
+        target = await self._target(request)  # as a prefill worker, the KV waits for its target
         if self.kv_landed is not None:
             await self.kv_landed.wait()
         if self.error_after_first is not None:
             error = common_pb2.Error(code=self.error_after_first, message="transfer broke", retryable=True)
             yield worker_pb2.PrefillResponse(error=error)
             return
-        yield worker_pb2.PrefillResponse(result=self._result(request, kv_pending=False))
+        yield worker_pb2.PrefillResponse(result=self._result(request, target, kv_pending=False))
+
+    async def SetKVTarget(self, request, context):
+        if self.target_error is not None:
+            return worker_pb2.SetKVTargetResponse(
+                error=common_pb2.Error(code=self.target_error, message="target refused")
+            )
+        self.targets[request.request_id] = request.kv_target
+        self.target_given.setdefault(request.request_id, asyncio.Event()).set()
+        return worker_pb2.SetKVTargetResponse(accepted=True)
+
+    async def _target(self, request) -> worker_pb2.KVTarget:
+        if not request.kv_target_follows:
+            return request.kv_target
+        await self.target_given.setdefault(request.request_id, asyncio.Event()).wait()
+        return self.targets[request.request_id]
 
     @staticmethod
-    def _result(request, kv_pending: bool) -> worker_pb2.PrefillResult:
+    def _result(request, target: worker_pb2.KVTarget | None, kv_pending: bool) -> worker_pb2.PrefillResult:
         result = worker_pb2.PrefillResult(
             first_token_id=TOKEN_BASE,
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=16,
-            num_transferred_blocks=0 if kv_pending else len(request.kv_target.block_ids),
+            num_transferred_blocks=0 if target is None else len(target.block_ids),
             kv_pending=kv_pending,
         )
         if request.sampling.logprobs:

@@ -71,7 +71,9 @@ async def test_split_path_reserve_prefill_decode(cluster: Cluster) -> None:
     assert events[-1].finish_reason == FinishReason.LENGTH
     d, p = cluster.workers["d0"], cluster.workers["p0"]
     [prefill] = p.prefills
-    assert prefill.kv_target.handle_id == "h-r1" and list(prefill.prompt_token_ids) == list(LONG)
+    # P starts before D's target exists (Reserve runs beside the prefill); the target follows.
+    assert prefill.kv_target_follows and not prefill.HasField("kv_target")
+    assert p.targets["r1"].handle_id == "h-r1" and list(prefill.prompt_token_ids) == list(LONG)
     assert prefill.sampling.seed == 3 and prefill.sampling.temperature == 0.5 and prefill.deadline_ms > 0
     [decode] = d.decodes
     assert decode.first_token_id == TOKEN_BASE and not decode.local_prefill
@@ -103,6 +105,19 @@ async def test_reserve_refused_retries_on_another_decode_worker(cluster: Cluster
     events = await collect(backend(cluster, policy=RoundRobinPolicy()), req())
     assert events[0].route.decode_worker == "d1"
     assert len([t for ev in events for t in ev.token_ids]) == 5
+    # P had started on the first placement: that request was dropped there, the second got d1's blocks.
+    p = cluster.workers["p0"]
+    assert [r.request_id for r in p.prefills] == ["r1", "r1#1"] and list(p.targets) == ["r1#1"]
+    assert "r1" in p.aborted
+
+
+async def test_refused_kv_target_fails_the_sequence_with_the_prefill_worker_named(cluster: Cluster) -> None:
+    await cluster.add(FakeDecode("d0"))
+    await cluster.add(FakePrefill("p0", target_error=common_pb2.ERROR_CODE_INVALID_ARGUMENT))
+    with pytest.raises(BackendError) as raised:
+        await collect(backend(cluster), req())
+    assert "SetKVTarget on worker p0" in str(raised.value) and "target refused" in str(raised.value)
+    assert cluster.workers["d0"].aborted == ["r1"] and cluster.workers["p0"].aborted == ["r1"]
 
 
 async def test_prefill_failure_frees_the_reservation_and_uses_another_prefill_worker(

@@ -198,3 +198,59 @@ def test_connect_opens_the_kv_link_ahead_of_the_first_transfer(pair):
     dstub.Abort(worker_pb2.AbortRequest(request_id="warm"), metadata=MD, timeout=10)
     p.wait_idle_and_clean()
     d.wait_idle_and_clean()
+
+
+def _prefill_follows(pstub, rid, prompt, seconds=30.0):
+    """PrefillStream started without a target (it follows by SetKVTarget); its answers, as a call."""
+    request = worker_pb2.PrefillRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=GREEDY, deadline_ms=_deadline_ms(seconds), kv_target_follows=True
+    )
+    return pstub.PrefillStream(request, metadata=MD, timeout=60)
+
+
+def _set_target(pstub, rid, target):
+    return pstub.SetKVTarget(worker_pb2.SetKVTargetRequest(request_id=rid, kv_target=target), metadata=MD, timeout=10)
+
+
+def test_kv_target_that_follows_the_prefill(pair):
+    """P starts on a prompt before D's target exists; the target may come after or even before the
+    request, is checked against the prompt, is taken once, and one that never comes ends the request
+    at its deadline with every block free again."""
+    p, d = pair
+    pstub, dstub = _stubs(p, d)
+    prompt = LONG_PROMPT[:50]
+    # The target before its request: held, then used.
+    target = _reserve(dstub, "early", prompt)
+    assert _set_target(pstub, "early", target).accepted
+    answers = list(_prefill_follows(pstub, "early", prompt))
+    assert [a.result.kv_pending for a in answers] == [True, False], answers
+    stream = dstub.Decode(worker_pb2.DecodeRequest(request_id="early", first_token_id=answers[0].result.first_token_id), metadata=MD, timeout=60)
+    assert not list(stream)[-1].HasField("error")
+    # After its request: a wrong one is refused (the request keeps waiting), a second one too.
+    call = _prefill_follows(pstub, "late", prompt)
+    first = next(call)
+    assert first.result.kv_pending  # the first token does not wait for the target
+    target = _reserve(dstub, "late", prompt)
+    wrong = worker_pb2.KVTarget()
+    wrong.CopyFrom(target)
+    wrong.block_ids.append(3)
+    refused = _set_target(pstub, "late", wrong)
+    assert refused.HasField("error") and refused.error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT
+    assert _set_target(pstub, "late", target).accepted
+    again = _set_target(pstub, "late", target)
+    assert again.HasField("error") and "already has a KV target" in again.error.message
+    last = next(call)
+    assert last.HasField("result") and not last.result.kv_pending, last
+    dstub.Abort(worker_pb2.AbortRequest(request_id="late"), metadata=MD, timeout=10)
+    # A target said to follow and given at once is a malformed request.
+    both = worker_pb2.PrefillRequest(request_id="both", prompt_token_ids=prompt, sampling=GREEDY, kv_target=target, kv_target_follows=True)
+    r = pstub.Prefill(both, metadata=MD, timeout=10)
+    assert r.HasField("error") and r.error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT
+    # Never given: the first token comes, then the deadline ends the request and frees its blocks.
+    t0 = time.time()
+    answers = list(_prefill_follows(pstub, "never", prompt, seconds=3.0))
+    assert answers[0].HasField("result") and answers[-1].HasField("error"), answers
+    assert answers[-1].error.code == common_pb2.ERROR_CODE_DEADLINE_EXCEEDED
+    assert time.time() - t0 < 10
+    p.wait_idle_and_clean()
+    d.wait_idle_and_clean()

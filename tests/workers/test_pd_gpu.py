@@ -1,6 +1,6 @@
 """P on cuda:0 -> KV over NCCL -> D on cuda:1 (separate processes) is token-identical to the aggregated
 engine on one GPU (float32), with the prompt-completing chunk's KV sent before its first token is read
-back, through the unary Prefill and through PrefillStream."""
+back, through the unary Prefill, through PrefillStream, and with the KV target following the prefill."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ def test_disaggregated_on_two_gpus_matches_aggregated() -> None:
             streamed = drv.run(f"s{i}", longer[i], sp, stream=True)
             assert streamed.error is None and streamed.first_token_before_kv
             assert streamed.token_ids == ref[len(prompts) + i], f"prompt length {len(longer[i])}"
+            # As the router runs it: P starts before D's target exists, the target follows.
+            follows = drv.run(f"f{i}", prompt, sp, target_follows=True)
+            assert follows.error is None and follows.token_ids == ref[i], f"prompt length {len(prompt)}"
         p.wait_idle_and_clean()
         d.wait_idle_and_clean()
     finally:

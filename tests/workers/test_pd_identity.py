@@ -62,6 +62,10 @@ def test_disaggregated_matches_aggregated(pair):
         streamed = drv.run(f"{model}-stream-{i}", prompt, sp_proto, stream=True)
         assert streamed.error is None and streamed.token_ids == ref[i]
         assert streamed.first_token_before_kv
+        # As the router runs it: P computes while D reserves, and gets D's target after (SetKVTarget).
+        follows = drv.run(f"{model}-follows-{i}", prompt, sp_proto, target_follows=True)
+        assert follows.error is None and follows.token_ids == ref[i]
+        assert follows.first_token_before_kv
     p.wait_idle_and_clean()
     d.wait_idle_and_clean()
 
