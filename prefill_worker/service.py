@@ -75,7 +75,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         else:
             handle = self._target(request.request_id, request.kv_target)
         deadline = request.deadline_ms / 1000 if request.deadline_ms else None
-        context.add_callback(lambda: None if context.is_active() else w.abort(request.request_id, "client went away"))
+        if not context.add_callback(lambda: None if context.is_active() else w.abort(request.request_id, "client went away")):
+            # Cancelled before it got here (a router drops P's request when D's Reserve is refused).
+            raise PrefillFailed("ABORTED", "the caller went away before the prefill started", retryable=False)
         return w.prefill_stream(request.request_id, prompt, sampling, handle, deadline)
 
     def SetKVTarget(self, request, context):
