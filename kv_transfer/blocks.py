@@ -45,7 +45,8 @@ def runs_within(runs: Sequence[tuple[int, int, int]], lo: int, hi: int) -> Itera
 
 def blocks_first(kv_cache: torch.Tensor) -> torch.Tensor:
     """``[L, 2, num_blocks, ...]`` as ``[num_blocks, L, 2, ...]``: a view, contiguous exactly when the
-    cache's storage is block-major."""
+    cache's storage is block-major. (The engine's own copy is engine/kv_cache/storage.py; this package
+    sees tensors only and may not import the engine.)"""
     return kv_cache.permute(2, 0, 1, 3, 4, 5)
 
 

@@ -15,8 +15,8 @@ Thread-safety: one table lock guards the dict and every reservation's fields. Sc
 under the reservation's own lock, which ``release`` also takes; ``release`` then waits for the stream
 the scatters were issued on (``last_write``), and for receives posted into the blocks (to complete
 within ``RELEASE_WAIT_S``, else it cuts their link off and waits until it is down), so once it returns
-nothing more is written into the reservation's blocks. The scatters' stream never waits on anything unbounded: a transport makes it
-wait for a message only after the message was seen complete.
+nothing more is written into the reservation's blocks. The scatters' stream never waits on anything
+unbounded: a transport makes it wait for a message only after the message was seen complete.
 """
 
 from __future__ import annotations

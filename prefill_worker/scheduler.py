@@ -89,8 +89,12 @@ class PrefillTransfers:
     def add(self, req: Request, handle: TransferHandle | None, deadline: float) -> tuple[Future, Future]:
         """Track ``req``'s transfer; ``(first token, KV delivered)`` futures of ``PrefillOutcome``.
 
-        ``handle`` None: the target follows (``set_target``) before ``deadline``."""
-        job = _Job(req, handle, deadline, sent_upto=handle.first_block_index if handle is not None else 0)
+        ``handle`` None: the target follows (``set_target``) before ``deadline``. Either way the job
+        ends by the target's own deadline too."""
+        if handle is None:
+            job = _Job(req, None, deadline)
+        else:
+            job = _Job(req, handle, min(deadline, handle.deadline), sent_upto=handle.first_block_index)
         self.jobs[req.request_id] = job
         return job.first, job.result
 

@@ -95,10 +95,10 @@ class PrefillWorker:
     def _admit(self, request_id, prompt_ids, sampling, handle, deadline) -> tuple[Future, Future, float]:
         if self.draining:
             raise PrefillFailed("UNAVAILABLE", "worker is draining", retryable=True)
+        deadline = min(deadline or float("inf"), time.time() + self.config.default_deadline_s)
         if handle is not None:
             self._check_target(handle, len(prompt_ids))
-            deadline = min(deadline or float("inf"), handle.deadline)
-        deadline = min(deadline or float("inf"), time.time() + self.config.default_deadline_s)
+            deadline = min(deadline, handle.deadline)
         # Only the first token is sampled here; min_tokens still masks EOS on it.
         first_only = dataclasses.replace(sampling, max_tokens=1, min_tokens=min(sampling.min_tokens, 1), stop=())
 
@@ -108,7 +108,7 @@ class PrefillWorker:
                 self._check_target(early, len(prompt_ids))
                 target = early
             req = self.engine.add_request(request_id, prompt_ids, first_only)
-            return self.transfers.add(req, target, min(deadline, target.deadline) if target else deadline)
+            return self.transfers.add(req, target, deadline)
 
         try:
             first, delivered = self.host.loop.call(admit)

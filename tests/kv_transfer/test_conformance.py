@@ -346,11 +346,15 @@ def test_receiver_killed_mid_transfer(transport: Harness) -> None:
     assert elapsed < 10, "a dead receiver must fail the transfer long before its 60 s deadline"
 
 
+def _skip_unless_in_place(transport: Harness) -> None:
+    if not (transport.is_network and transport.block_major):
+        pytest.skip("receiving in place needs a network transport and a block-major cache")
+
+
 def test_block_major_receiver_takes_later_messages_in_place(transport: Harness, monkeypatch) -> None:
     """Messages after the first go straight into consecutive reserved blocks (no staging, no landing
     copy); where the reserved blocks are not consecutive, those messages are staged and landed."""
-    if not (transport.is_network and transport.block_major):
-        pytest.skip("receiving in place needs a network transport and a block-major cache")
+    _skip_unless_in_place(transport)
     from kv_transfer.reservations import ReservationTable
 
     in_place: list[int] = []
@@ -383,8 +387,7 @@ def test_release_while_bytes_arrive_in_place_cuts_the_sender_off(transport: Harn
     that sender off and returns once its link is down (NCCL: at once; a gloo receive gives up only at
     the reservation's deadline): after that nothing the sender sends reaches the cache, and the
     receiver serves other senders."""
-    if not (transport.is_network and transport.block_major):
-        pytest.skip("receiving in place needs a network transport and a block-major cache")
+    _skip_unless_in_place(transport)
     src, dst = _caches(transport)
     receiver = transport.receiver(dst)
     ids = list(range(8))
