@@ -130,6 +130,8 @@ class PrefillWorker:
             now = time.time()
             for rid in [r for r, h in self._early_targets.items() if h.deadline < now]:
                 del self._early_targets[rid]
+            if request_id in self._early_targets:
+                raise ValueError(f"request {request_id!r} already has a KV target")
             if len(self._early_targets) >= MAX_EARLY_TARGETS:
                 raise PrefillFailed("RESOURCE_EXHAUSTED", f"{MAX_EARLY_TARGETS} KV targets wait for their requests", retryable=True)
             self._early_targets[request_id] = handle

@@ -219,14 +219,16 @@ def test_kv_target_that_follows_the_prefill(pair):
     p, d = pair
     pstub, dstub = _stubs(p, d)
     prompt = LONG_PROMPT[:50]
-    # The target before its request: held, then used.
+    # The target before its request: held (once), then used.
     target = _reserve(dstub, "early", prompt)
     assert _set_target(pstub, "early", target).accepted
+    again = _set_target(pstub, "early", target)
+    assert again.HasField("error") and "already has a KV target" in again.error.message
     answers = list(_prefill_follows(pstub, "early", prompt))
     assert [a.result.kv_pending for a in answers] == [True, False], answers
     stream = dstub.Decode(worker_pb2.DecodeRequest(request_id="early", first_token_id=answers[0].result.first_token_id), metadata=MD, timeout=60)
     assert not list(stream)[-1].HasField("error")
-    # After its request: a wrong one is refused (the request keeps waiting), a second one too.
+    # After its request: a wrong one is refused (the request keeps waiting).
     call = _prefill_follows(pstub, "late", prompt)
     first = next(call)
     assert first.result.kv_pending  # the first token does not wait for the target
@@ -237,11 +239,26 @@ def test_kv_target_that_follows_the_prefill(pair):
     refused = _set_target(pstub, "late", wrong)
     assert refused.HasField("error") and refused.error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT
     assert _set_target(pstub, "late", target).accepted
-    again = _set_target(pstub, "late", target)
-    assert again.HasField("error") and "already has a KV target" in again.error.message
     last = next(call)
     assert last.HasField("result") and not last.result.kv_pending, last
     dstub.Abort(worker_pb2.AbortRequest(request_id="late"), metadata=MD, timeout=10)
+    # Taken once while its request runs: here its KV goes to a peer that never answers, so the
+    # request is still running when the second target comes (it then ends at its deadline).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        call = _prefill_follows(pstub, "twice", prompt, seconds=3.0)
+        assert next(call).result.kv_pending
+        stuck = _reserve(dstub, "twice", prompt)
+        stuck.transfer_address = f"127.0.0.1:{silent.getsockname()[1]}"
+        assert _set_target(pstub, "twice", stuck).accepted
+        again = _set_target(pstub, "twice", stuck)
+        assert again.HasField("error") and "already has a KV target" in again.error.message
+        assert next(call).HasField("error")
+    finally:
+        silent.close()
+    dstub.Abort(worker_pb2.AbortRequest(request_id="twice"), metadata=MD, timeout=10)
     # A target said to follow and given at once is a malformed request.
     both = worker_pb2.PrefillRequest(request_id="both", prompt_token_ids=prompt, sampling=GREEDY, kv_target=target, kv_target_follows=True)
     r = pstub.Prefill(both, metadata=MD, timeout=10)
