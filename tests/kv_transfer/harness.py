@@ -6,10 +6,13 @@ a sender would, returning the receiver's verdict.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from kv_transfer.wire import as_secret, framing_problem, message_views
 
 SECRET = "conformance-secret"
 PEER_SEED = 1  # the cache a peer process sends from is random_cache(..., seed=PEER_SEED)
+REPORT_TAG = "peer-report "  # starts each line a peer process prints for the test
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -163,20 +167,29 @@ class PeerProcess:
             stderr=subprocess.PIPE,
             text=True,
         )
+        # Lines are read on a thread: a select() on the pipe cannot see lines already buffered.
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+
+    def _read_lines(self) -> None:
+        with contextlib.suppress(ValueError, OSError):  # kill() closed the pipe under us
+            for line in self.process.stdout:
+                self._lines.put(line)
+        self._lines.put("")  # end of the stream
 
     def read_json(self, timeout: float = 60.0) -> dict:
-        """The peer's ready line (it prints exactly one)."""
-        import selectors
-
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            self.kill()
-            raise AssertionError(f"peer printed nothing in {timeout}s: {self.process.stderr.read()}")
-        line = self.process.stdout.readline()
-        if not line:
-            raise AssertionError(f"peer exited early: {self.process.wait()} {self.process.stderr.read()}")
-        return json.loads(line)
+        """The peer's next report; lines without ``REPORT_TAG`` (a library's output) are skipped."""
+        give_up = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, give_up - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"peer reported nothing in {timeout}s: {self.process.stderr.read()}") from None
+            if not line:
+                raise AssertionError(f"peer exited early: {self.process.wait()} {self.process.stderr.read()}")
+            if line.startswith(REPORT_TAG):
+                return json.loads(line[len(REPORT_TAG) :])
 
     def tell(self, line: str) -> None:
         """One line to the peer's standard input."""

@@ -1,7 +1,9 @@
 """A real peer process for the transfer tests, killed by the test mid-transfer.
 
 Run as ``python -m tests.kv_transfer.peer_process MODE ...`` from the repository root. It prints one
-JSON line when it reached the point the test waits for, then sleeps until killed.
+JSON line, tagged ``REPORT_TAG``, when it reached the point the test waits for, then sleeps until
+killed. The tag keeps its reports apart from what libraries print on the same stream (NCCL prints
+its version there when ``NCCL_DEBUG`` is set).
 
 Modes:
 - ``receiver``: owns a cache, reserves blocks, prints ``{"target": <KVTarget hex>}``.
@@ -36,11 +38,11 @@ from kv_transfer.wire import (
     handle_to_kv_target,
     message_views,
 )
-from tests.kv_transfer.harness import PEER_SEED, random_cache
+from tests.kv_transfer.harness import PEER_SEED, REPORT_TAG, random_cache
 
 
 def _print(payload: dict) -> None:
-    print(json.dumps(payload), flush=True)
+    print(REPORT_TAG + json.dumps(payload), flush=True)
 
 
 def run_receiver(args: argparse.Namespace) -> None:

@@ -8,6 +8,9 @@ the environment may only be set at module level (on import, before any thread ex
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import kv_transfer
@@ -44,3 +47,20 @@ def test_no_environment_changes_at_run_time() -> None:
 def test_the_scan_sees_a_change_inside_a_function() -> None:
     tree = ast.parse("import os\ndef f():\n    os.environ['X'] = '1'\n    os.environ.pop('X')\n")
     assert _environment_changes_inside_functions(tree) == [3, 4]
+
+
+def _async_error_handling_after_import(**env: str) -> str:
+    """TORCH_NCCL_ASYNC_ERROR_HANDLING as a fresh process sees it after importing kv_transfer.pair."""
+    name = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+    clean = {k: v for k, v in os.environ.items() if k != name}
+    root = Path(kv_transfer.__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", f"import os, kv_transfer.pair; print(os.environ.get({name!r}))"],
+        env={**clean, "PYTHONPATH": str(root), **env}, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return result.stdout.strip()
+
+
+def test_nccl_error_handling_is_set_on_import_and_a_users_choice_is_kept() -> None:
+    assert _async_error_handling_after_import() == "0"
+    assert _async_error_handling_after_import(TORCH_NCCL_ASYNC_ERROR_HANDLING="1") == "1"
