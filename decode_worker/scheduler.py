@@ -5,17 +5,25 @@ prefilled here). It is bounded in number and in blocks (``Reserve`` refuses when
 a reservation whose Decode never started is dropped at its deadline and its blocks freed. Once the
 KV landed (receiver SUCCESS) the request joins the running batch with its first token.
 
-Runs on the engine loop thread only.
+Runs on the engine loop thread, except the release of a reservation that ends before its KV landed:
+bytes may still be arriving into its blocks, and the receiver's release then waits for them (up to
+RELEASE_WAIT_S) and may cut the sender off, which would stall every running stream. That release
+runs on its own thread; the blocks return to the pool on the loop thread once it returned.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.engine import LLMEngine
 from engine.request import Request, RequestStatus
 from kv_transfer.base import KVReceiver, TransferHandle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,9 +43,18 @@ class Refused(Exception):
 
 
 class Reservations:
-    def __init__(self, engine: LLMEngine, receiver: KVReceiver, max_reservations: int, headroom_blocks: int) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        receiver: KVReceiver,
+        max_reservations: int,
+        headroom_blocks: int,
+        post: Callable[[Callable[[], object]], object],
+    ) -> None:
+        """``post(fn)``: run ``fn`` on the engine loop thread, soon (from any thread)."""
         self.engine = engine
         self.receiver = receiver
+        self.post = post
         self.max_reservations = max_reservations
         self.headroom_blocks = headroom_blocks
         self.by_id: dict[str, Reservation] = {}
@@ -76,16 +93,34 @@ class Reservations:
         return res
 
     def end(self, request_id: str) -> None:
-        """Forget a reservation; frees its blocks if it never started. Idempotent."""
+        """Forget a reservation; frees its blocks if it never started. Idempotent.
+
+        A reservation whose KV may still be arriving leaves the engine's request table at once and
+        keeps its blocks until the receiver's release returned (off this thread; see the module)."""
         res = self.by_id.pop(request_id, None)
         if res is None:
             return
-        if res.handle is not None:
-            self.receiver.release(res.handle)
+        handle, res.handle = res.handle, None
+        if res.req.status == RequestStatus.WAITING_FOR_KV and handle is not None:
+            self.engine.detach_reserved(res.req)
+            threading.Thread(
+                target=self._release_then_free, args=(handle, res.req), name="kv-release", daemon=True
+            ).start()
+            return
+        if handle is not None:
+            self.receiver.release(handle)
         if res.req.status == RequestStatus.WAITING_FOR_KV:
             self.engine.drop_reserved(res.req)
         elif not res.req.is_finished:
             self.engine.abort(request_id)
+
+    def _release_then_free(self, handle: TransferHandle, req: Request) -> None:
+        try:
+            self.receiver.release(handle)
+        except Exception:  # a release is not meant to fail; the blocks go back all the same
+            log.exception("releasing the KV transfer of request %s failed", req.request_id)
+        finally:
+            self.post(lambda: self.engine.drop_reserved(req))
 
     def expire(self) -> bool:
         """Drop reservations whose Decode never started in time. Returns True if any remain pending."""

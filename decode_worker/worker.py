@@ -58,7 +58,9 @@ class DecodeWorker:
         self.kv_cache = self.engine.runner.kv_cache
         self.layout = KVLayout.of(self.kv_cache)
         self.receiver = make_receiver(config.transport, self.kv_cache, config.secret, self.worker_id, config.host, config.kv_port, loopback_hub)
-        self.reservations = Reservations(self.engine, self.receiver, config.max_reservations, config.reserve_headroom_blocks)
+        self.reservations = Reservations(
+            self.engine, self.receiver, config.max_reservations, config.reserve_headroom_blocks, post=lambda fn: self.host.loop.post(fn)
+        )
         self.kv_transfer_metrics = KVTransferMetrics()  # reserve -> KV landed, per reservation
         self.host = EngineHost(self.engine, name=self.worker_id, kv_transfer=self.kv_transfer_metrics)
         self.host.after_step = self.reservations.expire
@@ -112,6 +114,10 @@ class DecodeWorker:
         try:
             if not local_prefill:
                 self._wait_for_kv(res, deadline, is_active)
+            elif (handle := res.handle) is not None:
+                # No KV will come. A sender may still be writing into the blocks the prefill will use:
+                # release here, where waiting for it (and cutting it off) stalls no other stream.
+                self.receiver.release(handle)
             first = self.host.loop.call(lambda: self._start(request_id, first_token, first_logprob))
             if first is not None:
                 finished = first.finished

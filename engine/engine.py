@@ -329,7 +329,18 @@ class LLMEngine:
             self.kv.free(req)
             req.transition(RequestStatus.ABORTED)
             req.finish_reason = FinishReason.ABORT
-            self.requests.pop(req.request_id, None)
+            if self.requests.get(req.request_id) is req:  # a detached one's id may name a newer request
+                self.requests.pop(req.request_id)
+
+    def detach_reserved(self, req: Request) -> None:
+        """Take a reservation that never started out of the request table, its blocks still held.
+
+        For a reservation whose KV may still be arriving: its blocks go back to the pool only once
+        nothing can write into them, through ``drop_reserved``. Until then ``abort`` no longer finds
+        the request (it would free the blocks), and its id is free for a new request.
+        """
+        if req.status == RequestStatus.WAITING_FOR_KV and self.requests.get(req.request_id) is req:
+            self.requests.pop(req.request_id)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
