@@ -13,17 +13,13 @@ runs on its own thread; the blocks return to the pool on the loop thread once it
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.engine import LLMEngine
 from engine.request import Request, RequestStatus
-from kv_transfer.base import KVReceiver, TransferHandle
-
-log = logging.getLogger(__name__)
+from kv_transfer.base import KVReceiver, TransferHandle, release_then
 
 
 @dataclass
@@ -102,10 +98,9 @@ class Reservations:
             return
         handle, res.handle = res.handle, None
         if res.req.status == RequestStatus.WAITING_FOR_KV and handle is not None:
-            self.engine.detach_reserved(res.req)
-            threading.Thread(
-                target=self._release_then_free, args=(handle, res.req), name="kv-release", daemon=True
-            ).start()
+            held = self.engine.abort(request_id, hold_blocks=True)
+            assert held is res.req  # a WAITING_FOR_KV request leaves the engine only through here
+            release_then(self.receiver.release, handle, lambda: self.post(lambda: self.engine.free_held(held)))
             return
         if handle is not None:
             self.receiver.release(handle)
@@ -113,14 +108,6 @@ class Reservations:
             self.engine.drop_reserved(res.req)
         elif not res.req.is_finished:
             self.engine.abort(request_id)
-
-    def _release_then_free(self, handle: TransferHandle, req: Request) -> None:
-        try:
-            self.receiver.release(handle)
-        except Exception:  # a release is not meant to fail; the blocks go back all the same
-            log.exception("releasing the KV transfer of request %s failed", req.request_id)
-        finally:
-            self.post(lambda: self.engine.drop_reserved(req))
 
     def expire(self) -> bool:
         """Drop reservations whose Decode never started in time. Returns True if any remain pending."""

@@ -107,19 +107,34 @@ class LLMEngine:
         if need > self.kv.pool.num_blocks:
             raise ValueError(f"prompt needs {need} KV blocks; the cache has {self.kv.pool.num_blocks}")
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, *, hold_blocks: bool = False) -> Request | None:
+        """Abort a request; returns it, or None when it is unknown or already finished.
+
+        ``hold_blocks``: its blocks stay allocated, because a KV transfer may still read from or write
+        into them; the caller hands them back with ``free_held`` once nothing can. Its id is free
+        for a new request at once.
+        """
         req = self.requests.pop(request_id, None)
         if req is None or req.is_finished:
-            return
+            return None
         if req.status in (RequestStatus.WAITING_FOR_KV, RequestStatus.SENDING_KV):
-            self.kv.free(req)  # not in the scheduler's queues
+            if not hold_blocks:
+                self.kv.free(req)  # not in the scheduler's queues
         else:
             self._forget_joining(req)
-            self.scheduler.finish(req)
+            if hold_blocks:
+                self.scheduler.remove(req)
+            else:
+                self.scheduler.finish(req)
         if self.spec is not None:
             self.spec.forget(req)
         req.transition(RequestStatus.ABORTED)
         req.finish_reason = FinishReason.ABORT
+        return req
+
+    def free_held(self, req: Request) -> None:
+        """Free the blocks of a request aborted with ``hold_blocks`` (exactly once)."""
+        self.kv.free(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._joining)
@@ -329,18 +344,7 @@ class LLMEngine:
             self.kv.free(req)
             req.transition(RequestStatus.ABORTED)
             req.finish_reason = FinishReason.ABORT
-            if self.requests.get(req.request_id) is req:  # a detached one's id may name a newer request
-                self.requests.pop(req.request_id)
-
-    def detach_reserved(self, req: Request) -> None:
-        """Take a reservation that never started out of the request table, its blocks still held.
-
-        For a reservation whose KV may still be arriving: its blocks go back to the pool only once
-        nothing can write into them, through ``drop_reserved``. Until then ``abort`` no longer finds
-        the request (it would free the blocks), and its id is free for a new request.
-        """
-        if req.status == RequestStatus.WAITING_FOR_KV and self.requests.get(req.request_id) is req:
-            self.requests.pop(req.request_id)
+            self.requests.pop(req.request_id, None)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

@@ -40,10 +40,12 @@ Invariants every transport keeps:
 from __future__ import annotations
 
 import enum
+import logging
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,27 @@ from kv_transfer.blocks import blocks_first
 # (receiver) the caller's blocks before it cuts the link off: a live peer finishes a piece within
 # milliseconds, and cutting the link also fails the other transfers on it.
 RELEASE_WAIT_S = 0.5
+
+log = logging.getLogger(__name__)
+
+
+def release_then(release: Callable[[TransferHandle], None], handle: TransferHandle, then: Callable[[], None]) -> None:
+    """Run ``release(handle)`` on a thread of its own, then ``then()`` (also when the release raised).
+
+    For a caller that must not wait, such as an engine loop: the release of a transfer still moving
+    bytes waits for them (up to RELEASE_WAIT_S), then cuts the peer off. ``then`` hands the blocks
+    back, which is safe only once the release returned.
+    """
+
+    def run() -> None:
+        try:
+            release(handle)
+        except Exception:  # a release is not meant to fail; the blocks go back all the same
+            log.exception("releasing KV transfer %s failed", handle.handle_id)
+        finally:
+            then()
+
+    threading.Thread(target=run, name="kv-release", daemon=True).start()
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -10,7 +10,9 @@ done marker included) is sent from ``on_launched`` as soon as that step is queue
 cost (header, the receiver posting its receives) hides behind the step's compute. Blocks stay pinned
 (request in SENDING_KV) until the decode side acknowledged everything, then return to the prefix cache.
 
-Runs on the engine loop thread only.
+Runs on the engine loop thread, except the sender's release of a transfer that ended in failure:
+its sends may still read the blocks, and that release waits for them (up to RELEASE_WAIT_S). It runs
+on its own thread; the request leaves the engine at once and its blocks return once it returned.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -28,7 +31,7 @@ from engine.metrics import KVTransferMetrics
 from engine.request import Request, RequestStatus
 from engine.scheduler import ScheduledBatch
 from kv_transfer import diag
-from kv_transfer.base import KVSender, TransferHandle, TransferState
+from kv_transfer.base import KVSender, TransferHandle, TransferState, release_then
 
 # While only acknowledgements are outstanding the loop polls the transfer state this often: a
 # finished transfer is seen up to this much later (a sleep ends ~50 us past what it asks).
@@ -75,9 +78,18 @@ class _Job:
 
 
 class PrefillTransfers:
-    def __init__(self, engine: LLMEngine, sender: KVSender, kv_cache, metrics: KVTransferMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        sender: KVSender,
+        kv_cache,
+        post: Callable[[Callable[[], object]], object],
+        metrics: KVTransferMetrics | None = None,
+    ) -> None:
+        """``post(fn)``: run ``fn`` on the engine loop thread, soon (from any thread)."""
         self.engine = engine
         self.sender = sender
+        self.post = post
         self.kv_cache = kv_cache
         # The early sends' gathers (or sends straight from a block-major cache) queue here, after the
         # step's forward, beside its sampling kernels.
@@ -213,8 +225,15 @@ class PrefillTransfers:
 
     def _end(self, job: _Job, failure: PrefillFailed | None) -> None:
         req = job.req
-        if job.handle is not None:
-            self.sender.release(job.handle)
+        if job.handle is not None and failure is not None:
+            # Sends may still be reading the blocks (a stalled receiver): the release would wait for
+            # them (up to RELEASE_WAIT_S) and stall every prompt computing here. It runs on a thread
+            # of its own; the blocks stay held until it returned.
+            held = self.engine.abort(req.request_id, hold_blocks=True)
+            freed = (lambda: self.post(lambda: self.engine.free_held(held))) if held is not None else (lambda: None)
+            release_then(self.sender.release, job.handle, freed)
+        elif job.handle is not None:
+            self.sender.release(job.handle)  # every block acknowledged: no send reads them any more
         now = time.monotonic()
         transfer_s = now - job.first_send if job.first_send is not None else 0.0
         if failure is None:

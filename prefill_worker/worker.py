@@ -55,7 +55,9 @@ class PrefillWorker:
         self.layout = KVLayout.of(self.kv_cache)
         self.sender = make_sender(config.transport, self.kv_cache.device, config.secret, self.worker_id, config.host, loopback_hub)
         transfer_metrics = KVTransferMetrics()  # recorded by the transfers, reported by the host's stats
-        self.transfers = PrefillTransfers(self.engine, self.sender, self.kv_cache, transfer_metrics)
+        self.transfers = PrefillTransfers(
+            self.engine, self.sender, self.kv_cache, post=lambda fn: self.host.loop.post(fn), metrics=transfer_metrics
+        )
         self.host = EngineHost(self.engine, name=self.worker_id, kv_transfer=transfer_metrics)
         self.host.after_step = self.transfers.after_step
         self.engine.runner.launched_hook = self.transfers.on_launched

@@ -1,4 +1,4 @@
-"""A decode worker's reservations end without stalling its engine loop.
+"""Workers end transfers without stalling their engine loop.
 
 The receiver's release of a reservation whose KV may still be arriving can wait (a stalled sender:
 up to RELEASE_WAIT_S, then the sender is cut off). Here the receiver is a real loopback receiver whose
@@ -7,6 +7,7 @@ release is held on an event, and the engine loop is the test itself, running wha
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -15,7 +16,8 @@ import pytest
 from decode_worker.scheduler import Reservations
 from engine.request import RequestStatus
 from engine.sampling.params import SamplingParams
-from kv_transfer.loopback import LoopbackHub, LoopbackReceiver
+from kv_transfer.loopback import LoopbackHub, LoopbackReceiver, LoopbackSender
+from prefill_worker.scheduler import PrefillTransfers
 from tests.engine.helpers import make_engine
 from tests.engine.oracle import TINY_LLAMA, hf_model, hf_weights
 
@@ -102,6 +104,47 @@ def test_expired_reservation_frees_its_blocks_after_the_release(setup) -> None:
     assert time.monotonic() - start < 0.5
     assert "late" not in reservations.by_id and engine.kv.num_free_blocks < total
     receiver.let_go.set()
+    _run_posted(posted)
+    assert engine.kv.num_free_blocks == total
+    engine.check_integrity()
+
+
+class HeldSenderRelease(LoopbackSender):
+    """A loopback sender whose release waits until the test lets it go, as one whose sends still read."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.let_go = threading.Event()
+
+    def release(self, handle) -> None:
+        self.let_go.wait(10)
+        super().release(handle)
+
+
+def test_a_prefill_that_fails_mid_transfer_releases_off_the_loop(weights) -> None:
+    """The prefill side: a cancelled job whose transfer started leaves the engine at once; its blocks
+    (which sends may still read) return once the sender's release returned."""
+    engine = make_engine(TINY_LLAMA, weights, block_size=4, num_blocks=32, prefix=False)
+    engine.hold_blocks_on_finish = True  # as a prefill worker's engine
+    hub = LoopbackHub()
+    decode_cache = make_engine(TINY_LLAMA, weights, block_size=4, num_blocks=32).runner.kv_cache
+    receiver = LoopbackReceiver(hub, decode_cache, "secret")
+    sender = HeldSenderRelease(hub, "secret")
+    posted: list = []
+    transfers = PrefillTransfers(engine, sender, engine.runner.kv_cache, post=posted.append)
+    total = engine.kv.num_free_blocks
+    handle = receiver.reserve("p1", [0, 1, 2], num_tokens=len(PROMPT), deadline=time.time() + 30)
+    req = engine.add_request("p1", PROMPT, dataclasses.replace(GREEDY, max_tokens=1))
+    transfers.add(req, handle, time.time() + 30)
+    engine.step()  # the whole prompt in one step: its blocks are pinned for the transfer
+    assert req.status is RequestStatus.SENDING_KV and engine.kv.num_free_blocks == total - 3
+
+    start = time.monotonic()
+    assert transfers.cancel("p1", "client went away")
+    assert time.monotonic() - start < 0.5
+    assert "p1" not in engine.requests and req.status is RequestStatus.ABORTED
+    assert engine.kv.num_free_blocks == total - 3, "blocks freed while sends may still read them"
+    sender.let_go.set()
     _run_posted(posted)
     assert engine.kv.num_free_blocks == total
     engine.check_integrity()
