@@ -107,8 +107,7 @@ class ReservationTable:
         self._reservations: dict[str, _Reservation] = {}
         self.max_payload_bytes = kv_cache.numel() * kv_cache.element_size()  # no piece is larger
         self.cache = CacheBlocks(kv_cache)  # what landings and in-place receives write into, seen once
-        self.cache_words = self.cache.words
-        self._word = self.cache_words.dtype
+        self._word = self.cache.words.dtype
         # Handle id -> the writer with receives posted straight into that reservation's blocks.
         self._cache_writers: dict[str, CacheWriter] = {}
 
@@ -315,7 +314,7 @@ class ReservationTable:
                 raise TransferError(
                     "NOT_FOUND", f"transfer handle {ticket.handle_id!r} was released mid-transfer"
                 )
-            ticket.mover.scatter(self.cache_words, slab, lo, hi)
+            ticket.mover.scatter(self.cache.words, slab, lo, hi)
             if ticket.stream is not None:
                 reservation.last_write = ticket.stream
 

@@ -224,16 +224,7 @@ class PrefillTransfers:
         job.sent_upto = max(upto, job.sent_upto)
 
     def _end(self, job: _Job, failure: PrefillFailed | None) -> None:
-        req = job.req
-        if job.handle is not None and failure is not None:
-            # Sends may still be reading the blocks (a stalled receiver): the release would wait for
-            # them (up to RELEASE_WAIT_S) and stall every prompt computing here. It runs on a thread
-            # of its own; the blocks stay held until it returned.
-            held = self.engine.abort(req.request_id, hold_blocks=True)
-            freed = (lambda: self.post(lambda: self.engine.free_held(held))) if held is not None else (lambda: None)
-            release_then(self.sender.release, job.handle, freed)
-        elif job.handle is not None:
-            self.sender.release(job.handle)  # every block acknowledged: no send reads them any more
+        self._let_go(job, failed=failure is not None)
         now = time.monotonic()
         transfer_s = now - job.first_send if job.first_send is not None else 0.0
         if failure is None:
@@ -241,10 +232,6 @@ class PrefillTransfers:
             outcome = self._outcome(job, now, transfer_s)
         elif failure.code == "TRANSFER_FAILED" or (failure.code == "DEADLINE_EXCEEDED" and job.first_send is not None):
             self.metrics.on_failure()  # an abort, or a deadline before any KV moved, is no transfer failure
-        if req.status == RequestStatus.SENDING_KV:
-            self.engine.release(req)  # blocks back to the prefix cache
-        else:
-            self.engine.abort(req.request_id)
         for future in (job.first, job.result):
             if future.done():
                 continue
@@ -252,6 +239,29 @@ class PrefillTransfers:
                 future.set_result(outcome)
             else:
                 future.set_exception(failure)
+
+    def _let_go(self, job: _Job, failed: bool) -> None:
+        """Release the job's transfer and end its request in the engine, blocks back to the pool.
+
+        After a failure, sends may still be reading the blocks (a stalled receiver): the release
+        would wait for them (up to RELEASE_WAIT_S) and stall every prompt computing here, so it runs
+        on a thread of its own and the blocks stay held until it returned.
+        """
+        req = job.req
+        if failed and job.handle is not None:
+            held = self.engine.abort(req.request_id, hold_blocks=True)  # None: the engine freed them
+            release_then(self.sender.release, job.handle, lambda: self._free_later(held))
+            return
+        if job.handle is not None:
+            self.sender.release(job.handle)  # every block acknowledged: no send reads them any more
+        if req.status == RequestStatus.SENDING_KV:
+            self.engine.release(req)  # blocks back to the prefix cache
+        else:
+            self.engine.abort(req.request_id)
+
+    def _free_later(self, held: Request | None) -> None:
+        if held is not None:
+            self.post(lambda: self.engine.free_held(held))
 
     @staticmethod
     def _outcome(job: _Job, now: float, transfer_s: float) -> PrefillOutcome:
